@@ -1,0 +1,32 @@
+"""ccsmerge: fast, memory-bounded model merging (CART, TIES, task arithmetic, averaging)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from . import _extension, ops
+from .config import MergeConfig
+from .errors import MergeError
+from .merge import merge
+
+try:
+    __version__ = version("ccsmerge")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+
+def build_info() -> dict:
+    """What this installation runs on: whether the compiled CPU/CUDA kernels
+    are loaded, and the torch/CUDA versions."""
+    return {
+        "version": __version__,
+        "cpu_ext": _extension.has_kernel("mean", "cpu"),
+        "cuda_ext": _extension.has_kernel("mean", "cuda"),
+        "extension_error": _extension.load_error,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+__all__ = ["merge", "MergeConfig", "MergeError", "build_info", "ops", "__version__"]

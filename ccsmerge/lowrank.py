@@ -1,0 +1,125 @@
+"""Truncated SVDs of centered matrices: randomized (the engine) and exact.
+
+Both take T same-shape matrices xs and a center C and return the top-k
+factors of every D_t = xs[t] - C, batched: U (T, m, k), S (T, k), Vh (T, k, n)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import ops
+from .fallback import compute_dtype
+
+
+def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
+    return min(k + oversample, m, n)
+
+
+def gaussian_test_matrix(n: int, width: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The Gaussian test matrix, drawn on the CPU whatever the device, so that a
+    seed gives the same sketch, and merges that agree up to rounding, on every device."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, width, generator=generator, dtype=dtype).to(device)
+
+
+def _check_rank(k: int, m: int, n: int) -> None:
+    if not 1 <= k <= min(m, n):
+        raise ValueError(f"rank k={k} must be in [1, min(m, n)={min(m, n)}]")
+
+
+def centered_randomized_svd(
+    xs: Sequence[torch.Tensor],
+    center: torch.Tensor | None,
+    k: int,
+    *,
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halko-Martinsson-Tropp randomized SVD of every xs[t] - center at once.
+
+    One Gaussian test matrix serves all T matrices; the centering is folded
+    into each product (ops.centered_matmul), and every product is
+    re-orthonormalised, so power iterations stay stable in float32."""
+    xs = list(xs)
+    m, n = xs[0].shape
+    _check_rank(k, m, n)
+    if oversample < 0 or power_iters < 0:
+        raise ValueError("oversample and power_iters must be >= 0")
+    dtype = compute_dtype(xs[0].dtype)
+    device = xs[0].device
+    width = sketch_width(k, oversample, m, n)
+    omega = gaussian_test_matrix(n, width, seed, dtype, device)
+
+    q = ops.orthonormalize(ops.centered_matmul(xs, center, omega))  # (T, m, l)
+    for _ in range(power_iters):
+        z = ops.orthonormalize(ops.centered_matmul(xs, center, q, transpose=True))  # (T, n, l)
+        q = ops.orthonormalize(ops.centered_matmul(xs, center, z))
+    # B_t = Q_t^T D_t holds D_t's top singular triplets; centered_matmul gives its transpose.
+    bt = ops.centered_matmul(xs, center, q, transpose=True)  # (T, n, l)
+    return _top_triplets(q, bt, k)
+
+
+def _top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k SVD of Q B from bt = B^T.
+
+    float32: eigenvectors W of the small l x l Gram matrix B B^T in float64
+    (twice the working precision, so squaring the spectrum loses nothing the
+    float32 factors carry), U = Q W, and sigma v = B^T w, whose norm gives sigma
+    with full relative accuracy; 2x faster than an SVD of bt on the CPU, 4-5x
+    on the GPU. float64 has no wider type to square into: plain SVD of bt."""
+    if bt.dtype == torch.float64:
+        v, s, wh = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
+        return q @ wh.mT[..., :k], s[..., :k], v.mT[..., :k, :]
+    b64 = bt.to(torch.float64)
+    w = torch.linalg.eigh(b64.mT @ b64).eigenvectors[..., -k:]  # eigenvalues ascend
+    scaled_v = b64 @ w  # (T, n, k) columns sigma_i v_i
+    s = torch.linalg.vector_norm(scaled_v, dim=-2)
+    s, order = s.sort(dim=-1, descending=True)
+    w = w.gather(-1, order.unsqueeze(-2).expand_as(w))
+    scaled_v = scaled_v.gather(-1, order.unsqueeze(-2).expand_as(scaled_v))
+    vh = (scaled_v / s.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)).mT
+    dtype = q.dtype
+    return q @ w.to(dtype), s.to(dtype), _polar_step(vh).to(dtype)
+
+
+def _polar_step(x: torch.Tensor) -> torch.Tensor:
+    """One Newton-Schulz step towards orthonormal rows, X <- 1.5 X - 0.5 X X^T X.
+
+    V from the Gram matrix is orthonormal to ~eps64 * (sigma_1 / sigma_k)^2,
+    which exceeds float32's precision once sigma_1 / sigma_k > ~2e4; the step
+    squares that error and leaves the rows otherwise in place (zero rows stay zero)."""
+    return 1.5 * x - 0.5 * ((x @ x.mT) @ x)
+
+
+def centered_exact_svd(
+    xs: Sequence[torch.Tensor], center: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k factors of every xs[t] - center through torch.linalg.svd (the reference path)."""
+    xs = list(xs)
+    m, n = xs[0].shape
+    _check_rank(k, m, n)
+    dtype = compute_dtype(xs[0].dtype)
+    us, ss, vhs = [], [], []
+    for x in xs:  # one centered matrix alive at a time
+        d = x.to(dtype) if center is None else x.to(dtype) - center
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    return torch.stack(us), torch.stack(ss), torch.stack(vhs)
+
+
+def randomized_svd(
+    a: torch.Tensor, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-k randomized SVD of one matrix: U (m, k), S (k,), Vh (k, n), in
+    float32 (float64 for float64 input); bf16/fp16 inputs are accepted."""
+    if a.dim() != 2:
+        raise ValueError(f"randomized_svd: expected a 2-D matrix, got shape {tuple(a.shape)}")
+    u, s, vh = centered_randomized_svd(
+        [a], None, k, oversample=oversample, power_iters=power_iters, seed=seed
+    )
+    return u[0], s[0], vh[0]

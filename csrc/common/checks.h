@@ -1,0 +1,27 @@
+#pragma once
+#include <ATen/ATen.h>
+
+namespace ccsmerge {
+
+// The dtype the engine computes in: float32, or float64 for float64 inputs.
+inline at::ScalarType compute_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// All xs share one shape, one floating dtype and one device.
+inline void check_same_stack(at::TensorList xs, const char* op) {
+  TORCH_CHECK(!xs.empty(), op, ": expected at least one tensor");
+  const auto& x0 = xs[0];
+  TORCH_CHECK(at::isFloatingType(x0.scalar_type()), op,
+              ": expected floating tensors, got ", x0.scalar_type());
+  for (size_t t = 1; t < xs.size(); ++t) {
+    TORCH_CHECK(xs[t].sizes() == x0.sizes(), op, ": tensor ", t, " has shape ",
+                xs[t].sizes(), ", tensor 0 has ", x0.sizes());
+    TORCH_CHECK(xs[t].scalar_type() == x0.scalar_type(), op, ": tensor ", t,
+                " has dtype ", xs[t].scalar_type(), ", tensor 0 has ", x0.scalar_type());
+    TORCH_CHECK(xs[t].device() == x0.device(), op, ": tensor ", t, " is on ",
+                xs[t].device(), ", tensor 0 on ", x0.device());
+  }
+}
+
+}  // namespace ccsmerge
