@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import synthetic
-from machine import check_extension, describe, load_ccsmerge, machine_info
+from machine import check_extension, check_load, describe, load_average, load_ccsmerge, machine_info
 from official_cart import official_cart, rank_for, truncated_reconstruction
 from timing import Timing, fmt_range, fmt_ratio, fmt_seconds, paired_ratio, time_fn, time_interleaved
 
@@ -62,7 +62,7 @@ class Preset:
     c_rank_ratio: float = 0.12
     c_rounds: int = 1
     c_compare_layers: int = 1  # layers merged by both ccsmerge and official_cart
-    c_official_budget_s: float = 90.0  # official_cart is skipped when estimated slower
+    c_official_budget_s: float = 150.0  # official_cart is skipped when estimated slower
     # d: low-rank step
     d_shapes: tuple[tuple[int, int], ...] = ((768, 768), (3072, 768), (4096, 4096))
     d_rank_ratios: tuple[float, ...] = (0.01, 0.08, 0.32)
@@ -221,31 +221,37 @@ def copy_bandwidth(device: torch.device, mib: int, repeats: int) -> dict:
     return {"bytes": nbytes, "time": t.as_dict(), "gbps": nbytes / t.median / 1e9}
 
 
+def mean_rows(xs: list[torch.Tensor], copy_gbps: float, device: torch.device, repeats: int) -> list[dict]:
+    """ccsmerge.ops.mean vs torch.stack().float().mean(0) on one set of inputs."""
+    T, numel = len(xs), xs[0].numel()
+    nbytes = T * numel * xs[0].element_size() + numel * 4
+    variants = {
+        "ccsmerge.ops.mean": lambda: ccsmerge.ops.mean(xs),
+        "torch.stack().float().mean(0)": lambda: torch.stack(xs).float().mean(0),
+    }
+    err = float((variants["ccsmerge.ops.mean"]() - variants["torch.stack().float().mean(0)"]()).abs().max())
+    rows = []
+    for name, fn in variants.items():
+        t = time_fn(fn, device, warmup=3, repeats=repeats)
+        gbps = nbytes / t.median / 1e9
+        rows.append({"shape": list(xs[0].shape), "dtype": str(xs[0].dtype).removeprefix("torch."), "T": T,
+                     "impl": name, "bytes": nbytes, "time": t.as_dict(), "gbps": gbps,
+                     "pct_of_copy": 100 * gbps / copy_gbps, "max_abs_diff_vs_torch": err})
+        log(f"[b] {'x'.join(map(str, rows[-1]['shape']))} {rows[-1]['dtype']} T={T} {name}: {t} = {gbps:.0f} GB/s")
+    return rows
+
+
 def part_b(cfg: Preset, device: torch.device) -> dict:
-    T = cfg.b_tasks
     log(f"[b] copy bandwidth ({cfg.b_copy_mib} MiB)")
     copy = copy_bandwidth(device, cfg.b_copy_mib, cfg.b_repeats)
     rows = []
     for m, n in cfg.b_sizes:
         for dtype_name in cfg.b_dtypes:
-            dtype = getattr(torch, dtype_name)
             gen = synthetic.generator(0, device)
-            xs = [torch.randn(m, n, generator=gen, device=device).to(dtype) for _ in range(T)]
-            numel = m * n
-            nbytes = T * numel * xs[0].element_size() + numel * 4
-            variants = {
-                "ccsmerge.ops.mean": lambda: ccsmerge.ops.mean(xs),
-                "torch.stack().float().mean(0)": lambda: torch.stack(xs).float().mean(0),
-            }
-            err = float((variants["ccsmerge.ops.mean"]() - variants["torch.stack().float().mean(0)"]()).abs().max())
-            for name, fn in variants.items():
-                t = time_fn(fn, device, warmup=3, repeats=cfg.b_repeats)
-                gbps = nbytes / t.median / 1e9
-                rows.append({"shape": [m, n], "dtype": dtype_name, "T": T, "impl": name, "bytes": nbytes,
-                             "time": t.as_dict(), "gbps": gbps, "pct_of_copy": 100 * gbps / copy["gbps"],
-                             "max_abs_diff_vs_torch": err})
-                log(f"[b] {m}x{n} {dtype_name} T={T} {name}: {t} = {gbps:.0f} GB/s")
-            del xs
+            xs = [torch.randn(m, n, generator=gen, device=device).to(getattr(torch, dtype_name))
+                  for _ in range(cfg.b_tasks)]
+            rows += mean_rows(xs, copy["gbps"], device, cfg.b_repeats)
+            xs = None
             free_memory(device)
     return {"copy": copy, "rows": rows}
 
@@ -418,37 +424,45 @@ def exact_svds(a: torch.Tensor, cfg: Preset, device: torch.device) -> dict:
     return out
 
 
+def lowrank_rows(a: torch.Tensor, cfg: Preset, device: torch.device) -> list[dict]:
+    """Every method at every rank ratio on one matrix; the exact SVDs run once."""
+    m, n = a.shape
+    exact = exact_svds(a, cfg, device)
+    # The optimal rank-k error comes from float64 singular values, computed once per matrix: a
+    # float32 SVD's tail is off by ~1e-4 relative on a GPU, enough to put ratios below 1.
+    reference = torch.linalg.svdvals(a.double())
+    base = exact["torch.linalg.svd"]["time"].median
+    rows = []
+    for ratio in cfg.d_rank_ratios:
+        k = max(1, int(ratio * min(m, n)))
+        optimal = float(reference[k:].square().sum().sqrt())
+
+        def add(name, t: Timing | None, usv=None, error=None):
+            row = {"shape": [m, n], "rank_ratio": ratio, "k": k, "method": name}
+            if t is None:
+                row["error"] = error
+            else:
+                row.update(time=t.as_dict(), speedup_vs_linalg_svd=base / t.median,
+                           err_ratio=residual_norm(a, *usv, k) / optimal if optimal > 0 else float("nan"))
+            rows.append(row)
+
+        for name, e in exact.items():
+            add(name, e.get("time"), e.get("usv"), e.get("error"))
+        for name, fn in lowrank_methods(a, k, cfg).items():
+            result = {}
+            t = time_fn(lambda: result.__setitem__("usv", fn()), device, warmup=1, repeats=cfg.d_repeats,
+                        max_seconds=cfg.d_max_seconds)
+            add(name, t, result["usv"])
+        log(f"[d] {m}x{n} k={k}: " + ", ".join(
+            f"{r['method']} {fmt_seconds(r['time']['median_s'])} err {r['err_ratio']:.4f}"
+            for r in rows if r["k"] == k and "time" in r and "ccs" in r["method"]))
+    return rows
+
+
 def part_d(cfg: Preset, device: torch.device) -> dict:
     rows = []
     for m, n in cfg.d_shapes:
-        a = synthetic.decaying_matrix(m, n, seed=m + n, device=device)
-        exact = exact_svds(a, cfg, device)
-        reference = exact["torch.linalg.svd"]["usv"][1].double()  # singular values, computed once
-        for ratio in cfg.d_rank_ratios:
-            k = max(1, int(ratio * min(m, n)))
-            optimal = float(reference[k:].square().sum().sqrt())
-            base = exact["torch.linalg.svd"]["time"].median
-
-            def add(name, t: Timing | None, usv=None, error=None):
-                row = {"shape": [m, n], "rank_ratio": ratio, "k": k, "method": name}
-                if t is None:
-                    row["error"] = error
-                else:
-                    row.update(time=t.as_dict(), speedup_vs_linalg_svd=base / t.median,
-                               err_ratio=residual_norm(a, *usv, k) / optimal if optimal > 0 else float("nan"))
-                rows.append(row)
-
-            for name, e in exact.items():
-                add(name, e.get("time"), e.get("usv"), e.get("error"))
-            for name, fn in lowrank_methods(a, k, cfg).items():
-                result = {}
-                t = time_fn(lambda: result.__setitem__("usv", fn()), device, warmup=1, repeats=cfg.d_repeats,
-                            max_seconds=cfg.d_max_seconds)
-                add(name, t, result["usv"])
-            log(f"[d] {m}x{n} k={k}: " + ", ".join(
-                f"{r['method']} {fmt_seconds(r['time']['median_s'])} err {r['err_ratio']:.4f}"
-                for r in rows if r["k"] == k and r["shape"] == [m, n] and "time" in r and "ccs" in r["method"]))
-        del a, exact
+        rows += lowrank_rows(synthetic.decaying_matrix(m, n, seed=m + n, device=device), cfg, device)
         free_memory(device)
     return {"rows": rows}
 
@@ -533,7 +547,8 @@ def write_results(results: dict, out: Path, stem: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     md = [f"# ccsmerge engine benchmarks: {results['device']}, preset {results['preset']}", "",
           f"Machine: {describe(results['machine'])}", "",
-          f"Wall time: {results.get('wall_s', float('nan')):.0f} s.", ""]
+          f"Wall time: {results.get('wall_s', float('nan')):.0f} s. Load average (1/5/15 min) at the start "
+          f"and after each part: {results['load_avg']}.", "", *(f"**{w}**\n" for w in results["warnings"])]
     for key, (title, render) in MARKDOWN.items():
         if key in results["parts"]:
             md += [f"## {title}", "", render(results["parts"][key]), ""]
@@ -555,6 +570,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ad' (default: abcd)")
     p.add_argument("--size", help="part a's matrix, e.g. 4096x4096 (overrides the preset)")
     p.add_argument("--rounds", type=int, help="part a's interleaved rounds (overrides the preset)")
+    p.add_argument("--official-budget", type=float, metavar="SECONDS",
+                   help="part c: run official_cart only when estimated at most this long (overrides the preset)")
     return p.parse_args(argv)
 
 
@@ -565,6 +582,8 @@ def configure(args: argparse.Namespace) -> Preset:
         cfg = replace(cfg, a_size=(m, n))
     if args.rounds:
         cfg = replace(cfg, a_rounds=args.rounds)
+    if args.official_budget is not None:
+        cfg = replace(cfg, c_official_budget_s=args.official_budget)
     return cfg
 
 
@@ -576,15 +595,14 @@ def main(argv=None) -> int:
     cfg = configure(args)
     info = machine_info(ccsmerge)
     log(describe(info))
-    warning = check_extension(info, args.device)
-    if warning:
+    warnings = [w for w in (check_extension(info, args.device), check_load(info["cpu_affinity"])) if w]
+    for warning in warnings:
         log(warning)
     parts = [p for p in "abcd" if p in args.parts]
     results = {"device": args.device, "preset": args.preset, "machine": info, "config": asdict(cfg),
-               "parts": {}, "errors": {}, "part_wall_s": {}}
-    if warning:
-        results["warning"] = warning
-    stem = f"engine-{args.device}-{args.preset}"
+               "warnings": warnings, "parts": {}, "errors": {}, "part_wall_s": {},
+               "load_avg": {"start": load_average()}}
+    stem = f"engine-{args.device}-{args.preset}" + ("" if parts == list("abcd") else "-" + "".join(parts))
     start = time.perf_counter()
     for part in parts:
         t0 = time.perf_counter()
@@ -595,6 +613,7 @@ def main(argv=None) -> int:
             results["errors"][part] = traceback.format_exc()
             log(f"[{part}] FAILED: {type(exc).__name__}: {exc}")
         results["part_wall_s"][part] = time.perf_counter() - t0
+        results["load_avg"][part] = load_average()
         results["wall_s"] = time.perf_counter() - start
         write_results(results, args.out, stem)
         free_memory(device)
@@ -602,8 +621,10 @@ def main(argv=None) -> int:
     log(f"# {describe(info)}")
     if results["parts"]:
         log(summary(results))
-    log(f"\nparts: " + ", ".join(f"{p} {s:.0f} s" for p, s in results["part_wall_s"].items())
-        + f"; total wall time {results['wall_s']:.0f} s")
+    log("\nparts: " + ", ".join(f"{p} {s:.0f} s" for p, s in results["part_wall_s"].items())
+        + f"; total wall time {results['wall_s']:.0f} s; load average {results['load_avg']}")
+    for warning in warnings:
+        log(warning)
     log(f"results: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
     return 1 if results["errors"] else 0
 

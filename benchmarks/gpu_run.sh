@@ -3,12 +3,18 @@
 # suite (CUDA cases included), profile the kernels and run the GPU benchmarks.
 # Everything is written under the folder given as $1 (default bench-out/gpu).
 #   bash benchmarks/gpu_run.sh [OUT_DIR] [tests|bench|all]
+# BENCH_PARTS (default abcd) picks the parts of bench_engine.py to run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench-out/gpu}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+
+# C++ exceptions thrown from the library (bad-input errors) must unwind
+# through the C++ runtime torch itself loads: build with the system compiler
+# when the PATH offers another toolchain first.
+if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 
 if ! python3 -c "import ccsmerge, sys; sys.exit(0 if ccsmerge.build_info()['cuda_ext'] else 1)" 2>/dev/null; then
   echo "== build"
@@ -32,7 +38,7 @@ if [[ $what == all || $what == bench ]]; then
   grep -E "mean_kernel|duration|bytes|throughput" "$out/ncu_mean.txt" | head -40
   echo "== CART stage profile"
   python3 benchmarks/profile_cart.py > "$out/profile_cart.txt" 2>&1
-  head -40 "$out/profile_cart.txt"
+  grep -v Warn "$out/profile_cart.txt" | head -24
   echo "== engine benchmarks"
-  python3 benchmarks/bench_engine.py --device cuda --preset quick --out "$out" 2>&1 | tee "$out/bench_engine.log" | tail -60
+  python3 benchmarks/bench_engine.py --device cuda --preset quick --parts "${BENCH_PARTS:-abcd}" --out "$out" 2>&1 | tee "$out/bench_engine.log" | tail -60
 fi

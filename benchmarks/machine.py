@@ -107,6 +107,22 @@ def describe(info: dict) -> str:
     )
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine skews CPU timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def check_load(cores: int | None) -> str | None:
+    load = load_average()
+    if load and cores and load[0] > max(0.75, 0.25 * cores):
+        return (f"WARNING: load average {load[0]:.2f} on {cores} cores before the start: other processes "
+                f"are running, CPU timings (LAPACK's SVD especially) will be slowed and noisy")
+    return None
+
+
 def check_extension(info: dict, device: str) -> str | None:
     """A warning when the compiled kernels for device are not loaded (the
     benchmark would then time the PyTorch fallback)."""

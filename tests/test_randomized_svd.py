@@ -41,7 +41,9 @@ def _check_near_optimal(a64, k, u, s, vh, cdt, factor=1.02):
     when A has rank <= k, a rounding-level error."""
     err = float((a64 - _reconstruct(u, s, vh)).norm())
     opt = R.ref_truncation_error(a64, k)
-    floor = 50 * max(a64.shape) ** 0.5 * UNIT_ROUNDOFF[cdt] * float(a64.norm())
+    # Rounding level; CholeskyQR2 (the CUDA orthonormalisation) carries larger
+    # constants than Householder QR, hence 200 rather than a tighter factor.
+    floor = 200 * max(a64.shape) ** 0.5 * UNIT_ROUNDOFF[cdt] * float(a64.norm())
     assert err <= factor * opt + floor, f"rank-{k} error {err:.6e} vs optimum {opt:.6e} (x{err / max(opt, 1e-300):.4f})"
     return err, opt
 
