@@ -92,7 +92,9 @@ def cart_update(center: torch.Tensor, factors, scale: float, dtype: torch.dtype)
 def cart(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig) -> torch.Tensor:
     """CART (Choi et al. 2024): theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg)."""
     center = ops.mean(xs)
-    if not takes_lowrank(name, xs[0], cfg.lowrank_include, cfg.lowrank_exclude):
+    if len(xs) == 2 or not takes_lowrank(name, xs[0], cfg.lowrank_include, cfg.lowrank_exclude):
+        # With two models the centered matrices are exact negatives, so their
+        # rank-k parts cancel and CART is exactly the average.
         return center.to(xs[0].dtype)
     check_finite(name, center, xs)
     return cart_update(center, cart_factors(name, xs, center, cfg), cfg.scale, xs[0].dtype)
