@@ -12,9 +12,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 # C++ exceptions thrown from the library (bad-input errors) must unwind
-# through the C++ runtime torch itself loads: build with the system compiler
-# when the PATH offers another toolchain first.
-if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+# through the C++ runtime torch itself loads: build with the system compiler,
+# even where the environment names another toolchain (an /opt g++ 13.3 whose
+# runtime differs made every TORCH_CHECK failure a segfault on one CUDA image).
+if [[ -x /usr/bin/g++ ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 
 if ! python3 -c "import ccsmerge, sys; sys.exit(0 if ccsmerge.build_info()['cuda_ext'] else 1)" 2>/dev/null; then
   echo "== build"
