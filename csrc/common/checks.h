@@ -24,4 +24,19 @@ inline void check_same_stack(at::TensorList xs, const char* op) {
   }
 }
 
+// center (m, n) + alpha * left (m, r) @ right (r, n), written in a floating dtype.
+inline void check_lowrank_update_args(const at::Tensor& center, const at::Tensor& left,
+                                      const at::Tensor& right, at::ScalarType dtype) {
+  TORCH_CHECK(center.dim() == 2 && left.dim() == 2 && right.dim() == 2,
+              "lowrank_update: expected 2-D center, left and right");
+  TORCH_CHECK(left.size(0) == center.size(0) && right.size(1) == center.size(1) &&
+                  left.size(1) == right.size(0),
+              "lowrank_update: shapes do not chain: center ", center.sizes(), ", left ",
+              left.sizes(), ", right ", right.sizes());
+  TORCH_CHECK(left.scalar_type() == center.scalar_type() &&
+                  right.scalar_type() == center.scalar_type(),
+              "lowrank_update: center, left and right must share one dtype");
+  TORCH_CHECK(at::isFloatingType(dtype), "lowrank_update: output dtype must be floating");
+}
+
 }  // namespace ccsmerge

@@ -4,6 +4,7 @@
 
 #include <limits>
 
+#include "../common/checks.h"
 #include "kernels_cuda.h"
 
 namespace ccsmerge::cuda {
@@ -38,16 +39,7 @@ void gemm_accumulate_tf32(const at::Tensor& left, const at::Tensor& right, doubl
 
 at::Tensor lowrank_update(const at::Tensor& center, const at::Tensor& left,
                           const at::Tensor& right, double alpha, at::ScalarType dtype) {
-  TORCH_CHECK(center.dim() == 2 && left.dim() == 2 && right.dim() == 2,
-              "lowrank_update: expected 2-D center, left and right");
-  TORCH_CHECK(left.size(0) == center.size(0) && right.size(1) == center.size(1) &&
-                  left.size(1) == right.size(0),
-              "lowrank_update: shapes do not chain: center ", center.sizes(), ", left ",
-              left.sizes(), ", right ", right.sizes());
-  TORCH_CHECK(left.scalar_type() == center.scalar_type() &&
-                  right.scalar_type() == center.scalar_type(),
-              "lowrank_update: center, left and right must share one dtype");
-  TORCH_CHECK(at::isFloatingType(dtype), "lowrank_update: output dtype must be floating");
+  check_lowrank_update_args(center, left, right, dtype);
   TORCH_CHECK(center.is_cuda() && left.device() == center.device() &&
                   right.device() == center.device(),
               "lowrank_update (cuda): tensors must be on one CUDA device");
