@@ -19,6 +19,7 @@ import torch
 from machine import describe, load_ccsmerge, machine_info
 
 ccsmerge = load_ccsmerge()
+from ccsmerge.synthetic import decaying_matrix  # noqa: E402  (after load_ccsmerge picks the copy)
 ops = ccsmerge.ops
 centered_exact_svd = ops.centered_exact_svd
 centered_randomized_svd = ops.centered_randomized_svd
@@ -32,18 +33,12 @@ CASES = [  # (m, n, T, decay, rank ratio)
 ]
 
 
-def power_law_matrix(m: int, n: int, decay: float, gen: torch.Generator) -> torch.Tensor:
-    r = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64)).Q
-    return (u * torch.arange(1, r + 1, dtype=torch.float64) ** -decay) @ v.T
-
-
 def task_set(m: int, n: int, T: int, decay: float, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    shared = power_law_matrix(m, n, decay, gen)
-    return [base + 0.5 * shared + power_law_matrix(m, n, decay, gen) for _ in range(T)]
+    spectrum = dict(decay=decay, generator=gen, dtype=torch.float64)
+    shared = decaying_matrix(m, n, **spectrum)
+    return [base + 0.5 * shared + decaying_matrix(m, n, **spectrum) for _ in range(T)]
 
 
 def update(factors) -> torch.Tensor:

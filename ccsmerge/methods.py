@@ -11,6 +11,7 @@ import torch
 
 from . import ops
 from .config import MergeConfig
+from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import centered_exact_svd, centered_randomized_svd
 from .selection import takes_lowrank
@@ -105,8 +106,6 @@ def check_finite(name: str, probe: torch.Tensor, xs: list[torch.Tensor], base: t
     (a tensor computed from all inputs) is."""
     if bool(torch.isfinite(probe).all()):
         return
-    from .errors import MergeError
-
     labelled = [(f"model {i}", x) for i, x in enumerate(xs)] + ([("base", base)] if base is not None else [])
     for label, x in labelled:
         if not bool(torch.isfinite(x).all()):
