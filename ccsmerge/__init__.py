@@ -1,18 +1,13 @@
 """ccsmerge: fast, memory-bounded model merging (CART, TIES, task arithmetic, averaging)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 import torch
 
 from . import _extension, ops
+from ._version import __version__
 from .config import MergeConfig
 from .errors import MergeError
 from .merge import merge
-
-try:
-    __version__ = version("ccsmerge")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+from .streaming import merge_checkpoints, plan_checkpoints
 
 
 def build_info() -> dict:
@@ -29,4 +24,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["merge", "MergeConfig", "MergeError", "build_info", "ops", "__version__"]
+__all__ = ["merge", "merge_checkpoints", "plan_checkpoints", "MergeConfig", "MergeError", "build_info", "ops", "__version__"]

@@ -90,12 +90,19 @@ def cart_update(center: torch.Tensor, factors, scale: float, dtype: torch.dtype)
     return ops.lowrank_update(center, left, right, scale, dtype)
 
 
+def cart_uses_lowrank(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg: MergeConfig, models: int) -> bool:
+    """Whether CART gives this tensor the low-rank step (otherwise it is the average).
+
+    With two models the centered matrices are exact negatives, so their rank-k
+    parts cancel and CART is exactly the average."""
+    probe = torch.empty(shape, dtype=dtype, device="meta")
+    return models > 2 and takes_lowrank(name, probe, cfg.lowrank_include, cfg.lowrank_exclude)
+
+
 def cart(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig) -> torch.Tensor:
     """CART (Choi et al. 2024): theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg)."""
     center = ops.mean(xs)
-    if len(xs) == 2 or not takes_lowrank(name, xs[0], cfg.lowrank_include, cfg.lowrank_exclude):
-        # With two models the centered matrices are exact negatives, so their
-        # rank-k parts cancel and CART is exactly the average.
+    if not cart_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs)):
         return center.to(xs[0].dtype)
     check_finite(name, center, xs)
     return cart_update(center, cart_factors(name, xs, center, cfg), cfg.scale, xs[0].dtype)

@@ -1,0 +1,248 @@
+"""Lazy, read-only access to checkpoints on disk.
+
+A checkpoint is a Hugging Face model folder (model.safetensors, sharded
+safetensors with model.safetensors.index.json, pytorch_model.bin or its
+sharded form) or a single .safetensors / .pt / .bin file. Opening one reads
+only headers: names, shapes and dtypes. Tensors are read one at a time, or
+row block by row block, and come back as zero-copy views of the file where
+the format allows (memory-mapped), so that releasing a tensor releases its
+memory."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MergeError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+# safetensors dtype names <-> torch dtypes.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# Files of a model folder that travel with the merged weights.
+AUX_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "chat_template*",
+    "*.tiktoken",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "spiece.model",
+    "sentencepiece*.model",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class Checkpoint:
+    """One model on disk: `tensors` maps names (in file order) to TensorInfo."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.folder, files, weight_map = _resolve(self.path)
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        self._eager: dict[Path, dict[str, torch.Tensor]] = {}
+        for file in files:
+            wanted = None if weight_map is None else {n for n, f in weight_map.items() if f == file}
+            infos = _safetensors_infos(file) if file.suffix == ".safetensors" else self._torch_infos(file)
+            if wanted is not None:
+                missing = sorted(wanted - infos.keys())
+                if missing:
+                    raise MergeError(f"{file}: tensor '{missing[0]}' is listed in the index but not in the file")
+                infos = {n: i for n, i in infos.items() if n in wanted}
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise MergeError(f"{file}: tensor '{name}' is also in {self.tensors[name].file}")
+                self.tensors[name] = info
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MergeError(f"{self.path}: no tensor '{name}'") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, on the CPU (a view of the memory-mapped file where possible)."""
+        return self._read(self.info(name), None)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop (along dim 0) of a tensor with at least one dimension."""
+        return self._read(self.info(name), (start, stop))
+
+    def aux_files(self) -> list[Path]:
+        """Config, tokenizer and generation files beside the weights (none for a bare file)."""
+        if self.folder is None:
+            return []
+        found = {p for pattern in AUX_PATTERNS for p in self.folder.glob(pattern) if p.is_file()}
+        return sorted(p for p in found if p not in self.files and not p.name.endswith(".index.json"))
+
+    def _read(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+        try:
+            if info.file.suffix == ".safetensors":
+                with safe_open(info.file, framework="pt") as f:
+                    if rows is None:
+                        tensor = f.get_tensor(info.name)
+                    else:
+                        tensor = f.get_slice(info.name)[rows[0] : rows[1]]
+            else:
+                state = self._eager.get(info.file) or _torch_load(info.file, mmap=True)
+                tensor = state[info.name]
+                if rows is not None:
+                    tensor = tensor[rows[0] : rows[1]]
+        except MergeError:
+            raise
+        except Exception as exc:  # the libraries raise many types for damaged files
+            raise MergeError(f"{info.file}: cannot read tensor '{info.name}': {exc}") from None
+        if tuple(tensor.shape[1:]) != info.shape[1:] or tensor.dtype != info.dtype:
+            raise MergeError(f"{info.file}: tensor '{info.name}' does not match its header")
+        return tensor
+
+    def _torch_infos(self, file: Path) -> dict[str, TensorInfo]:
+        try:
+            state = _torch_load(file, mmap=True)
+        except _NotZipfile:
+            warnings.warn(f"{file} is in torch's legacy format, which cannot be memory-mapped: it is loaded whole")
+            state = _torch_load(file, mmap=False)
+            self._eager[file] = state
+        return {name: TensorInfo(name, tuple(t.shape), t.dtype, file) for name, t in state.items()}
+
+
+class _NotZipfile(Exception):
+    pass
+
+
+def _torch_load(file: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
+    """A state dict from a torch.save file, never unpickling anything but tensors."""
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as exc:
+        if mmap and "zipfile" in str(exc):
+            raise _NotZipfile() from None
+        raise MergeError(f"{file}: cannot load: {exc}") from None
+    except Exception as exc:
+        raise MergeError(f"{file}: refused or failed to load with weights_only=True: {exc}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MergeError(f"{file}: holds a {type(obj).__name__}, not a state dict")
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise MergeError(f"{file}: entry '{name}' is a {type(value).__name__}, not a tensor")
+    return obj
+
+
+def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            headers = {name: f.get_slice(name) for name in f.keys()}
+            infos = {}
+            for name, view in headers.items():
+                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise MergeError(f"{file}: tensor '{name}' has unsupported dtype {view.get_dtype()}")
+                infos[name] = TensorInfo(name, tuple(view.get_shape()), dtype, file)
+            return infos
+    except MergeError:
+        raise
+    except Exception as exc:
+        raise MergeError(f"{file}: not a readable safetensors file: {exc}") from None
+
+
+def _resolve(path: Path) -> tuple[Path | None, list[Path], dict[str, Path] | None]:
+    """(folder for aux files, weight files, name -> file map from an index or None)."""
+    if not path.exists():
+        raise MergeError(f"{path}: no such file or folder")
+    if path.is_dir():
+        for index in (SAFETENSORS_INDEX, TORCH_INDEX):
+            if (path / index).is_file():
+                files, weight_map = _read_index(path / index)
+                return path, files, weight_map
+        for single in (SAFETENSORS_SINGLE, TORCH_SINGLE):
+            if (path / single).is_file():
+                return path, [path / single], None
+        loose = sorted(path.glob("*.safetensors"))
+        if len(loose) == 1:
+            return path, loose, None
+        raise MergeError(
+            f"{path}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+            f"{TORCH_INDEX}, {TORCH_SINGLE})"
+        )
+    if path.name.endswith(".index.json"):
+        files, weight_map = _read_index(path)
+        return path.parent, files, weight_map
+    if path.suffix == ".safetensors" or path.suffix in TORCH_SUFFIXES:
+        return None, [path], None
+    raise MergeError(f"{path}: not a checkpoint (expected a model folder, .safetensors, .bin, .pt or .pth)")
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise ValueError("weight_map is not an object")
+    except Exception as exc:
+        raise MergeError(f"{index}: not a valid index ({exc})") from None
+    resolved: dict[str, Path] = {}
+    for name, filename in weight_map.items():
+        file = index.parent / str(filename)
+        if Path(str(filename)).is_absolute() or ".." in Path(str(filename)).parts:
+            raise MergeError(f"{index}: tensor '{name}' points outside the folder ({filename})")
+        if not file.is_file():
+            raise MergeError(f"{index}: tensor '{name}' is in {filename}, which does not exist")
+        resolved[name] = file
+    files = list(dict.fromkeys(resolved.values()))
+    return files, resolved

@@ -1,0 +1,147 @@
+"""The `ccsmerge` command line.
+
+    ccsmerge merge --method cart --model A --model B --model C --out merged/
+    ccsmerge merge recipe.yml --out merged/
+    ccsmerge plan  --method cart --model A --model B --model C --max-memory 2GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections import Counter
+
+from .config import METHODS
+from .errors import MergeError
+from .recipe import DTYPES, Recipe, load_recipe
+from .sizes import format_size
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="a YAML merge recipe (merge_method, models, ...) instead of flags")
+    parser.add_argument("--method", choices=METHODS, help="merge method (default: cart)")
+    parser.add_argument("--model", action="append", metavar="PATH", help="a model folder or file; repeat per model")
+    parser.add_argument("--base", metavar="PATH", help="the pretrained base model (task_arithmetic and ties need it)")
+    parser.add_argument("--rank-ratio", type=float, help="CART: k = max(1, int(R * min(m, n))) (default 0.12)")
+    parser.add_argument("--lam", type=float, help="update scale (default: cart 2.0, ties 1.0, task_arithmetic 0.3)")
+    parser.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (default 0.2)")
+    parser.add_argument("--svd", choices=("randomized", "exact"), help="CART's truncated SVD (default randomized)")
+    parser.add_argument("--oversample", type=int, help="randomized SVD oversampling (default max(10, k))")
+    parser.add_argument("--power-iters", type=int, help="randomized SVD power iterations (default 4)")
+    parser.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
+    parser.add_argument("--lowrank-include", action="append", metavar="REGEX", help="tensors that get the low-rank step")
+    parser.add_argument("--lowrank-exclude", action="append", metavar="REGEX", help="tensors kept out of it")
+    parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors (default: the inputs')")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the available RAM)")
+    parser.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccsmerge", description="Merge fine-tuned models (CART, TIES, ...).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge checkpoints into a sharded safetensors folder")
+    _inputs(merge)
+    merge.add_argument("--out", required=True, metavar="DIR", help="the output model folder")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    merge.add_argument("--resume", action="store_true", help="continue an interrupted merge into --out")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    plan = commands.add_parser("plan", help="show what a merge would do, without merging")
+    _inputs(plan)
+    return parser
+
+
+def merge_arguments(args: argparse.Namespace) -> dict:
+    """merge_checkpoints' arguments from a recipe file and/or flags; flags win."""
+    recipe: Recipe | None = load_recipe(args.config) if args.config else None
+    if recipe is not None and (args.model or args.base):
+        raise MergeError(f"{args.config}: give the models in the recipe or with --model/--base, not both")
+    kwargs: dict = {}
+    if recipe is not None:
+        kwargs.update(
+            models=[m.model for m in recipe.models],
+            method=recipe.merge_method,
+            base=recipe.base_model,
+            dtype=recipe.dtype,
+            **recipe.parameters.options(),
+        )
+    else:
+        if not args.model or len(args.model) < 2:
+            raise MergeError("give at least two --model PATH (or a recipe file)")
+        kwargs.update(models=args.model, base=args.base)
+    flags = {
+        "method": args.method,
+        "rank_ratio": args.rank_ratio,
+        "lam": args.lam,
+        "density": args.density,
+        "svd": args.svd,
+        "oversample": args.oversample,
+        "power_iters": args.power_iters,
+        "seed": args.seed,
+        "lowrank_include": args.lowrank_include,
+        "lowrank_exclude": args.lowrank_exclude,
+        "dtype": args.dtype,
+    }
+    kwargs.update({k: v for k, v in flags.items() if v is not None})
+    for key in ("lowrank_include", "lowrank_exclude"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    kwargs.update(device=args.device, max_memory=args.max_memory, out_shard_size=args.out_shard_size)
+    return kwargs
+
+
+def print_plan(plan) -> None:
+    rows = []
+    for t in plan.tensors:
+        how = "whole" if t.block_rows is None else f"{t.block_rows}-row blocks, {t.passes} passes"
+        dtype = str(t.dtype).replace("torch.", "")
+        if t.out_dtype != t.dtype:
+            dtype += "->" + str(t.out_dtype).replace("torch.", "")
+        policy = f"low-rank k={t.rank}" if t.policy == "low-rank" else t.policy
+        rows.append((t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, how, format_size(t.memory)))
+    header = ("tensor", "shape", "dtype", "policy", "merged", "memory")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    policies = Counter(t.policy for t in plan.tensors)
+    blocked = sum(t.block_rows is not None for t in plan.tensors)
+    print()
+    print(f"{len(plan.tensors)} tensors: " + ", ".join(f"{n} {p}" for p, n in sorted(policies.items())))
+    print(f"{plan.models} models{' and a base' if plan.has_base else ''}; {blocked} tensors merged in row blocks")
+    print(f"estimated peak memory {format_size(plan.peak_memory)} (budget {format_size(plan.budget)})")
+    print(f"reads {format_size(plan.read_bytes)}, writes {format_size(plan.write_bytes)} in {len(plan.shards)} shards")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .streaming import merge_checkpoints, plan_checkpoints
+
+        kwargs = merge_arguments(args)
+        if args.command == "plan":
+            print_plan(plan_checkpoints(**kwargs))
+            return 0
+        out = merge_checkpoints(
+            out=args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, **kwargs
+        )
+        if not args.quiet:
+            print(f"merged into {out}", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print("ccsmerge: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one readable line; --debug shows where
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+        print(f"ccsmerge: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Merge recipes: the mergekit-style YAML that `ccsmerge merge CONFIG.yml`
+reads, and that every merge writes beside its output (ccsmerge.yml) and into
+its safetensors metadata, so that an output records how it was made and can
+be made again.
+
+    merge_method: cart
+    base_model: path/to/base        # optional for cart and average
+    models:
+      - model: path/to/finetune-a
+      - model: path/to/finetune-b
+    parameters: {rank_ratio: 0.12, lambda: 2.0}
+    dtype: bfloat16                 # optional: the output dtype
+
+Relative model paths are relative to the YAML file's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .config import METHODS
+from .errors import MergeError
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+
+
+class Parameters(BaseModel):
+    """Method parameters; absent ones take MergeConfig's defaults."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    rank_ratio: float | None = None
+    lam: float | None = Field(None, alias="lambda")
+    density: float | None = None
+    svd: Literal["randomized", "exact"] | None = None
+    oversample: int | None = None
+    power_iters: int | None = None
+    seed: int | None = None
+    lowrank_include: list[str] | None = None
+    lowrank_exclude: list[str] | None = None
+
+    def options(self) -> dict:
+        """The parameters that were given, as merge options."""
+        return {k: v for k, v in self.model_dump(exclude_none=True).items()}
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: Literal[METHODS]  # type: ignore[valid-type]
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=2)
+    parameters: Parameters = Parameters()
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+    ccsmerge_version: str | None = Field(None, description="informational: the version that wrote it")
+
+
+def _explain(exc: pydantic.ValidationError, source: str) -> MergeError:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = Parameters if err["loc"][:1] == ("parameters",) else Recipe
+            valid = [f.alias or n for n, f in parent.model_fields.items()]
+            msg = f"unknown key; valid keys: {', '.join(valid)}"
+        lines.append(f"{where}: {msg}")
+    return MergeError(f"{source}: " + "; ".join(lines))
+
+
+def parse_recipe(data: object, source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """A validated recipe from a YAML file, with model paths made absolute."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise MergeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: expected a mapping with merge_method and models")
+    recipe = parse_recipe(data, str(path))
+    folder = path.resolve().parent
+
+    def absolute(p: str) -> str:
+        return str((folder / Path(p).expanduser()).resolve())
+
+    return recipe.model_copy(
+        update={
+            "models": [ModelEntry(model=absolute(m.model)) for m in recipe.models],
+            "base_model": absolute(recipe.base_model) if recipe.base_model else None,
+        }
+    )
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    data = recipe.model_dump(by_alias=True, exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,396 @@
+"""merge_checkpoints: merge checkpoints on disk into a sharded safetensors
+folder, tensor by tensor, with a peak memory set by a budget.
+
+Three threads overlap the work: a reader maps the next tensors of every
+input (and faults their pages in), the caller's thread merges, and a writer
+streams results into the shards. A byte budget shared by the three bounds
+what is in flight; a tensor whose merge does not fit is merged in row blocks
+(ccsmerge.blockwise) while nothing else is in flight.
+
+The output is built in a hidden folder beside the target and renamed into
+place when complete; finished shards in that folder let `resume` continue
+an interrupted merge, with identical bytes (the merge is deterministic)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from ._version import __version__
+from .blockwise import merge_in_blocks
+from .checkpoint import Checkpoint
+from .config import MergeConfig
+from .errors import MergeError
+from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
+from .planning import MergePlan, TensorPlan, make_plan
+from .recipe import DTYPES, ModelEntry, Parameters, Recipe, dump_recipe
+from .shard_writer import ShardWriter, shard_filename, shard_header, shard_size, write_atomically, write_index
+from .sizes import parse_size
+
+RECIPE_FILE = "ccsmerge.yml"
+DEFAULT_SHARD_SIZE = "5GB"
+_PAGE = 4096
+_POLL = 0.1  # seconds between checks for a failed thread while waiting
+
+
+def default_budget() -> int:
+    """Half of the memory available now: the rest stays for the page cache and other programs."""
+    return int(psutil.virtual_memory().available // 2)
+
+
+def partial_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.ccsmerge-partial"
+
+
+@dataclass
+class PreparedMerge:
+    plan: MergePlan
+    cfg: MergeConfig
+    models: list[Checkpoint]
+    base: Checkpoint | None
+    recipe: Recipe
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        recipe = self.recipe.model_dump(by_alias=True, exclude_none=True)
+        return {"format": "pt", "ccsmerge_recipe": json.dumps(recipe, sort_keys=True)}
+
+
+def prepare_merge(
+    models: Sequence[str | Path],
+    method: str = "cart",
+    base: str | Path | None = None,
+    *,
+    max_memory: str | int | None = None,
+    dtype: str | None = None,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    **options,
+) -> PreparedMerge:
+    """Open the inputs (headers only), validate everything and plan the merge."""
+    if isinstance(models, (str, Path)) or len(models) < 2:
+        raise MergeError("merging needs at least 2 models")
+    cfg = make_config(method=method, **options)
+    if cfg.method in ("task_arithmetic", "ties") and base is None:
+        raise MergeError(f"method '{cfg.method}' needs a base model (--base)")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    try:
+        budget = default_budget() if max_memory is None else parse_size(max_memory)
+        shard_bytes = parse_size(out_shard_size)
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    opened = [Checkpoint(p) for p in models]
+    base_ckpt = Checkpoint(base) if base is not None else None
+    plan = make_plan(opened, base_ckpt, cfg, budget, getattr(torch, dtype) if dtype else None, shard_bytes)
+    recipe = Recipe(
+        merge_method=cfg.method,
+        base_model=str(Path(base).resolve()) if base is not None else None,
+        models=[ModelEntry(model=str(Path(p).resolve())) for p in models],
+        parameters=Parameters(
+            rank_ratio=cfg.rank_ratio,
+            lam=cfg.scale,
+            density=cfg.density,
+            svd=cfg.svd,
+            oversample=cfg.oversample,
+            power_iters=cfg.power_iters,
+            seed=cfg.seed,
+            lowrank_include=list(cfg.lowrank_include),
+            lowrank_exclude=list(cfg.lowrank_exclude),
+        ),
+        dtype=dtype,
+        ccsmerge_version=__version__,
+    )
+    return PreparedMerge(plan, cfg, opened, base_ckpt, recipe)
+
+
+def plan_checkpoints(models: Sequence[str | Path], method: str = "cart", base=None, **options) -> MergePlan:
+    """What merge_checkpoints would do with these arguments, without merging."""
+    return prepare_merge(models, method, base, **options).plan
+
+
+def merge_checkpoints(
+    models: Sequence[str | Path],
+    out: str | Path,
+    method: str = "cart",
+    base: str | Path | None = None,
+    *,
+    max_memory: str | int | None = None,
+    dtype: str | None = None,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+    **options,
+) -> Path:
+    """Merge checkpoints on disk into the Hugging Face folder `out`.
+
+    models/base: model folders or .safetensors/.bin/.pt files. options are
+    ccsmerge.merge's (rank_ratio, lam, density, svd, oversample, power_iters,
+    seed, device, lowrank_include, lowrank_exclude). max_memory: the budget
+    ("2GB"; default half the available RAM); dtype: output dtype of floating
+    tensors (default: each input's); out_shard_size: "5GB". The output
+    appears only when complete; an existing non-empty `out` is refused unless
+    overwrite; resume continues an interrupted merge. Returns `out`."""
+    out = Path(out)
+    prepared = prepare_merge(
+        models, method, base, max_memory=max_memory, dtype=dtype, out_shard_size=out_shard_size, **options
+    )
+    _check_output(out, prepared, overwrite)
+    device = resolve_device(prepared.cfg.device)
+    partial = partial_folder(out)
+    recipe_text = dump_recipe(prepared.recipe)
+    done = _reuse_partial(partial, prepared, recipe_text, resume, overwrite)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_atomically(partial / RECIPE_FILE, recipe_text.encode())
+
+    with full_precision_matmuls():
+        _stream(prepared, device, partial, done, progress)
+
+    write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
+    source = prepared.base or prepared.models[0]
+    for aux in source.aux_files():
+        shutil.copyfile(aux, partial / aux.name)
+    _publish(partial, out)
+    return out
+
+
+def _check_output(out: Path, prepared: PreparedMerge, overwrite: bool) -> None:
+    target = out.resolve()
+    inputs = prepared.models + ([prepared.base] if prepared.base else [])
+    for ckpt in inputs:
+        where = ckpt.path.resolve()
+        if target == where or target in where.parents:
+            raise MergeError(f"{out}: the output would replace the input {ckpt.path}")
+    if out.exists() and not overwrite:
+        if not out.is_dir() or any(out.iterdir()):
+            raise MergeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def _reuse_partial(partial: Path, prepared: PreparedMerge, recipe_text: str, resume: bool, overwrite: bool) -> set[int]:
+    """Indices of the shards an interrupted merge already finished (with resume)."""
+    if not partial.exists():
+        return set()
+    if not resume:
+        if not overwrite:
+            raise MergeError(
+                f"{partial}: an interrupted merge into this output is there; "
+                "pass --resume to finish it or --overwrite to start again"
+            )
+        shutil.rmtree(partial)
+        return set()
+    recorded = partial / RECIPE_FILE
+    if not recorded.is_file() or recorded.read_text() != recipe_text:
+        raise MergeError(f"{recorded}: the interrupted merge used other inputs or options; it cannot be resumed")
+    done = set()
+    shards = prepared.plan.shards
+    for i, shard in enumerate(shards):
+        path = partial / shard_filename(i, len(shards))
+        path.with_name(path.name + ".part").unlink(missing_ok=True)
+        if path.is_file() and path.stat().st_size == shard_size(shard, prepared.metadata):
+            header = shard_header(shard, prepared.metadata)
+            with open(path, "rb") as f:
+                if f.read(len(header)) == header:
+                    done.add(i)
+                    continue
+        path.unlink(missing_ok=True)
+    return done
+
+
+def _publish(partial: Path, out: Path) -> None:
+    if out.exists():
+        previous = out.parent / f".{out.name}.ccsmerge-replaced"
+        shutil.rmtree(previous, ignore_errors=True)
+        out.rename(previous)
+        partial.rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
+class MemoryBudget:
+    """Bytes in flight across the threads; acquire blocks until they fit."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self._cond = threading.Condition()
+        self._cancelled = False
+
+    def acquire(self, size: int) -> int:
+        size = min(size, self.total)
+        with self._cond:
+            while self.used + size > self.total and not self._cancelled:
+                self._cond.wait()
+            self.used += size
+        return size
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self.used -= size
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+
+def _fault_in(tensor: torch.Tensor) -> None:
+    """Touch one byte per page, so that reading a memory-mapped tensor from
+    disk happens here, on the reader thread, rather than in the merge."""
+    if tensor.numel() and tensor.is_contiguous():
+        tensor.reshape(-1).view(torch.uint8)[::_PAGE].sum()
+
+
+class _Pipeline:
+    def __init__(self, prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], bar):
+        self.p = prepared
+        self.device = device
+        self.folder = folder
+        self.bar = bar
+        plan = prepared.plan
+        self.shard_of = {t.name: i for i, shard in enumerate(plan.shards) for t in shard}
+        self.todo = [t for t in plan.tensors if self.shard_of[t.name] not in done]
+        self.budget = MemoryBudget(plan.budget)
+        self.loaded: queue.Queue = queue.Queue(maxsize=2)
+        self.to_write: queue.Queue = queue.Queue(maxsize=4)
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+
+    # Queue operations that give up once another thread has failed.
+    def put(self, q: queue.Queue, item) -> None:
+        while not self.failed.is_set():
+            try:
+                q.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                pass
+        raise _Stopped()
+
+    def get(self, q: queue.Queue):
+        while not self.failed.is_set():
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                pass
+        raise _Stopped()
+
+    def fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, _Stopped):
+            self.errors.append(exc)
+        self.failed.set()
+        self.budget.cancel()
+
+    def read(self) -> None:
+        try:
+            for t in self.todo:
+                held = self.budget.acquire(self.budget.total if t.block_rows else t.memory)
+                inputs = None
+                if t.block_rows is None:
+                    xs = [m.read(t.name) for m in self.p.models]
+                    base = self.p.base.read(t.name) if self.p.base else None
+                    for x in xs + ([base] if base is not None else []):
+                        _fault_in(x)
+                    inputs = (xs, base)
+                self.put(self.loaded, (t, inputs, held))
+            self.put(self.loaded, None)
+        except BaseException as exc:
+            self.fail(exc)
+
+    def write(self) -> None:
+        shards = self.p.plan.shards
+        writer: ShardWriter | None = None
+        try:
+            while True:
+                item = self.get(self.to_write)
+                if item is None:
+                    return
+                name, chunk, release = item
+                if name is not None:
+                    index = self.shard_of[name]
+                    if writer is None:
+                        writer = ShardWriter(self.folder / shard_filename(index, len(shards)), shards[index], self.p.metadata)
+                    writer.write(name, chunk)
+                    del chunk
+                    if writer.complete:
+                        writer.close()
+                        writer = None
+                if release:
+                    self.budget.release(release)
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            if writer is not None:
+                writer.abort()
+
+    def merge(self, t: TensorPlan, inputs, held: int) -> None:
+        cfg, models, base = self.p.cfg, self.p.models, self.p.base
+        if t.block_rows is None:
+            xs, base_tensor = inputs
+            merged = merge_tensor(t.name, xs, base_tensor, cfg, self.device).to(t.out_dtype)
+            del xs, base_tensor, inputs
+            keep = min(held, merged.nbytes)
+            self.budget.release(held - keep)
+            self.put(self.to_write, (t.name, merged, keep))
+            return
+
+        def rows(start: int, stop: int):
+            xs = [m.read_rows(t.name, start, stop) for m in models]
+            return xs, (base.read_rows(t.name, start, stop) if base else None)
+
+        for chunk in merge_in_blocks(t.name, t.shape, t.dtype, len(models), rows, cfg, self.device, t.block_rows):
+            self.put(self.to_write, (t.name, chunk.to(t.out_dtype), 0))
+        self.put(self.to_write, (None, None, held))  # the writer releases the budget once it has written all blocks
+
+    def run(self) -> None:
+        reader = threading.Thread(target=self.read, name="ccsmerge-reader", daemon=True)
+        writer = threading.Thread(target=self.write, name="ccsmerge-writer", daemon=True)
+        reader.start()
+        writer.start()
+        process = psutil.Process()
+        try:
+            for done, item in enumerate(iter(lambda: self.get(self.loaded), None), start=1):
+                t, inputs, held = item
+                self.merge(t, inputs, held)
+                del item, inputs
+                if self.bar is not None:
+                    self.bar.set_postfix_str(
+                        f"tensors {done}/{len(self.todo)} RSS {process.memory_info().rss / 1e9:.2f} GB", refresh=False
+                    )
+                    self.bar.update(self.p.plan.read_bytes_per_pass[t.name] * t.passes)
+            self.put(self.to_write, None)
+            writer.join()
+        except BaseException as exc:
+            self.fail(exc)
+        finally:
+            reader.join()
+            writer.join()
+        if self.errors:
+            raise self.errors[0]
+
+
+class _Stopped(Exception):
+    """Another thread failed: this one stops without an error of its own."""
+
+
+def _stream(prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], progress: bool) -> None:
+    pipeline = _Pipeline(prepared, device, folder, done, None)
+    if progress:
+        from tqdm import tqdm
+
+        per_pass = prepared.plan.read_bytes_per_pass
+        total = sum(per_pass[t.name] * t.passes for t in pipeline.todo)
+        pipeline.bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+    try:
+        pipeline.run()
+    finally:
+        if pipeline.bar is not None:
+            pipeline.bar.close()
