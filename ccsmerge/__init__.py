@@ -24,4 +24,13 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["merge", "merge_checkpoints", "plan_checkpoints", "MergeConfig", "MergeError", "build_info", "ops", "__version__"]
+__all__ = [
+    "merge",
+    "merge_checkpoints",
+    "plan_checkpoints",
+    "MergeConfig",
+    "MergeError",
+    "build_info",
+    "ops",
+    "__version__",
+]

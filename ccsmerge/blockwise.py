@@ -15,6 +15,7 @@ in-memory result:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -122,9 +123,7 @@ def _ties(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
         b = base.to(work)
         return torch.stack([x.to(work).reshape(-1) - b.reshape(-1) for x in xs]), b  # (T, block numel)
 
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     keep = max(1, int(cfg.density * numel))
     threshold = None
     if keep < numel:

@@ -33,11 +33,11 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oversample", type=int, help="randomized SVD oversampling (default max(10, k))")
     parser.add_argument("--power-iters", type=int, help="randomized SVD power iterations (default 4)")
     parser.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
-    parser.add_argument("--lowrank-include", action="append", metavar="REGEX", help="tensors that get the low-rank step")
+    parser.add_argument("--lowrank-include", action="append", metavar="REGEX", help="tensors given the low-rank step")
     parser.add_argument("--lowrank-exclude", action="append", metavar="REGEX", help="tensors kept out of it")
     parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors (default: the inputs')")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the available RAM)")
+    parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
     parser.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     merge.add_argument("--resume", action="store_true", help="continue an interrupted merge into --out")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--no-overlap", dest="overlap", action="store_false", help="read, merge and write in turn (for measurements)"
+    )
     plan = commands.add_parser("plan", help="show what a merge would do, without merging")
     _inputs(plan)
     return parser
@@ -127,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(plan_checkpoints(**kwargs))
             return 0
         out = merge_checkpoints(
-            out=args.out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, **kwargs
+            out=args.out,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.quiet,
+            overlap=args.overlap,
+            **kwargs,
         )
         if not args.quiet:
             print(f"merged into {out}", file=sys.stderr)

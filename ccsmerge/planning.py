@@ -4,6 +4,7 @@ merged whole or in row blocks, and the output shards."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def output(self) -> OutputTensor:
@@ -107,9 +105,7 @@ def plan_tensor(
         policy = cfg.method.replace("_", "-")
     work = compute_dtype(dtype).itemsize if floating else dtype.itemsize
     per_element = _bytes_per_element(policy, T, has_base, dtype.itemsize, work, final_dtype.itemsize)
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     rank = state = None
     passes = 1
     if policy == "low-rank":

@@ -12,6 +12,7 @@ little-endian data); `safe_open` checks the files in the tests."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -35,10 +36,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
 import threading
 from collections.abc import Sequence
@@ -128,6 +129,7 @@ def merge_checkpoints(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
+    overlap: bool = True,
     **options,
 ) -> Path:
     """Merge checkpoints on disk into the Hugging Face folder `out`.
@@ -138,7 +140,9 @@ def merge_checkpoints(
     ("2GB"; default half the available RAM); dtype: output dtype of floating
     tensors (default: each input's); out_shard_size: "5GB". The output
     appears only when complete; an existing non-empty `out` is refused unless
-    overwrite; resume continues an interrupted merge. Returns `out`."""
+    overwrite; resume continues an interrupted merge. overlap=False reads,
+    merges and writes one tensor at a time, in sequence (to measure what the
+    overlap gains). Returns `out`."""
     out = Path(out)
     prepared = prepare_merge(
         models, method, base, max_memory=max_memory, dtype=dtype, out_shard_size=out_shard_size, **options
@@ -151,8 +155,14 @@ def merge_checkpoints(
     partial.mkdir(parents=True, exist_ok=True)
     write_atomically(partial / RECIPE_FILE, recipe_text.encode())
 
-    with full_precision_matmuls():
-        _stream(prepared, device, partial, done, progress)
+    try:
+        with full_precision_matmuls():
+            _stream(prepared, device, partial, done, progress, overlap)
+    except MergeError:
+        # Bad input: nothing worth resuming. An interruption (a signal, a full
+        # disk) keeps the finished shards for `resume`.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
     write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
     source = prepared.base or prepared.models[0]
@@ -205,14 +215,22 @@ def _reuse_partial(partial: Path, prepared: PreparedMerge, recipe_text: str, res
 
 
 def _publish(partial: Path, out: Path) -> None:
-    if out.exists():
-        previous = out.parent / f".{out.name}.ccsmerge-replaced"
-        shutil.rmtree(previous, ignore_errors=True)
-        out.rename(previous)
+    """Move the finished folder into place (replacing an old output only now)."""
+    if not out.exists():
         partial.rename(out)
-        shutil.rmtree(previous, ignore_errors=True)
+        return
+    previous = out.parent / f".{out.name}.ccsmerge-replaced"
+    _remove(previous)
+    out.rename(previous)
+    partial.rename(out)
+    _remove(previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
     else:
-        partial.rename(out)
+        path.unlink(missing_ok=True)
 
 
 class MemoryBudget:
@@ -251,7 +269,7 @@ def _fault_in(tensor: torch.Tensor) -> None:
 
 
 class _Pipeline:
-    def __init__(self, prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], bar):
+    def __init__(self, prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], bar, overlap: bool):
         self.p = prepared
         self.device = device
         self.folder = folder
@@ -260,6 +278,9 @@ class _Pipeline:
         self.shard_of = {t.name: i for i, shard in enumerate(plan.shards) for t in shard}
         self.todo = [t for t in plan.tensors if self.shard_of[t.name] not in done]
         self.budget = MemoryBudget(plan.budget)
+        # Without overlap every tensor holds the whole budget until written, so
+        # reading, merging and writing take turns.
+        self.overlap = overlap
         self.loaded: queue.Queue = queue.Queue(maxsize=2)
         self.to_write: queue.Queue = queue.Queue(maxsize=4)
         self.failed = threading.Event()
@@ -292,7 +313,8 @@ class _Pipeline:
     def read(self) -> None:
         try:
             for t in self.todo:
-                held = self.budget.acquire(self.budget.total if t.block_rows else t.memory)
+                whole_budget = t.block_rows is not None or not self.overlap
+                held = self.budget.acquire(self.budget.total if whole_budget else t.memory)
                 inputs = None
                 if t.block_rows is None:
                     xs = [m.read(t.name) for m in self.p.models]
@@ -317,7 +339,8 @@ class _Pipeline:
                 if name is not None:
                     index = self.shard_of[name]
                     if writer is None:
-                        writer = ShardWriter(self.folder / shard_filename(index, len(shards)), shards[index], self.p.metadata)
+                        path = self.folder / shard_filename(index, len(shards))
+                        writer = ShardWriter(path, shards[index], self.p.metadata)
                     writer.write(name, chunk)
                     del chunk
                     if writer.complete:
@@ -332,6 +355,12 @@ class _Pipeline:
                 writer.abort()
 
     def merge(self, t: TensorPlan, inputs, held: int) -> None:
+        try:
+            self._merge(t, inputs, held)
+        except MergeError as exc:
+            raise MergeError(_name_inputs(str(exc), t.name, self.p)) from None
+
+    def _merge(self, t: TensorPlan, inputs, held: int) -> None:
         cfg, models, base = self.p.cfg, self.p.models, self.p.base
         if t.block_rows is None:
             xs, base_tensor = inputs
@@ -377,12 +406,22 @@ class _Pipeline:
             raise self.errors[0]
 
 
+def _name_inputs(message: str, name: str, prepared: PreparedMerge) -> str:
+    """The engine's messages say "model 2" or "base": add the files that holds the tensor."""
+    labelled = [(f"model {i}", m) for i, m in enumerate(prepared.models)]
+    labelled += [("base", prepared.base)] if prepared.base is not None else []
+    named = [f"{label} = {ckpt.info(name).file}" for label, ckpt in labelled if re.search(rf"\b{label}\b", message)]
+    return f"{message} ({'; '.join(named)})" if named else message
+
+
 class _Stopped(Exception):
     """Another thread failed: this one stops without an error of its own."""
 
 
-def _stream(prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], progress: bool) -> None:
-    pipeline = _Pipeline(prepared, device, folder, done, None)
+def _stream(
+    prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], progress: bool, overlap: bool
+) -> None:
+    pipeline = _Pipeline(prepared, device, folder, done, None, overlap)
     if progress:
         from tqdm import tqdm
 
