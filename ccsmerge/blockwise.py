@@ -56,7 +56,7 @@ def merge_in_blocks(
         for start, stop in blocks:
             xs, base = _load(source, start, stop, device)
             merged = merge(name, xs, base, cfg)
-            check_finite(name, merged, xs, base)
+            check_finite(name, merged, xs, base, allow=cfg.allow_nonfinite)
             yield merged.cpu()
 
 
@@ -88,7 +88,7 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
         for start, stop in blocks:
             xs, center = centered(start, stop)
             if rhs is omega:
-                check_finite(name, center, xs)
+                check_finite(name, center, xs, allow=cfg.allow_nonfinite)
             part = ops.centered_matmul(xs, center, rhs)
             if y is None:
                 y = torch.empty((part.shape[0], m, width), dtype=work, device=device)
@@ -141,7 +141,7 @@ def _ties(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
         merged = b.reshape(-1) + cfg.scale * kept_sum / kept_count
         if not bool(torch.isfinite(merged).all()):
             xs, base = _load(source, start, stop, device)
-            check_finite(name, merged, xs, base)
+            check_finite(name, merged, xs, base, allow=cfg.allow_nonfinite)
         yield merged.reshape(b.shape).to(dtype).cpu()
 
 

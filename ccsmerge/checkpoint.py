@@ -153,8 +153,8 @@ class Checkpoint:
         try:
             state = _torch_load(file, mmap=True)
         except _NotZipfile:
-            warnings.warn(f"{file} is in torch's legacy format, which cannot be memory-mapped: it is loaded whole")
             state = _torch_load(file, mmap=False)
+            warnings.warn(f"{file} is in torch's legacy format, which cannot be memory-mapped: it is loaded whole")
             self._eager[file] = state
         return {name: TensorInfo(name, tuple(t.shape), t.dtype, file) for name, t in state.items()}
 
@@ -236,10 +236,17 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
         raise MergeError(f"{index}: not a valid index ({exc})") from None
     resolved: dict[str, Path] = {}
     for name, filename in weight_map.items():
-        file = index.parent / str(filename)
-        if Path(str(filename)).is_absolute() or ".." in Path(str(filename)).parts:
+        if not isinstance(filename, str) or not filename:
+            raise MergeError(f"{index}: tensor '{name}' maps to {filename!r}, not a file name")
+        relative = Path(filename)
+        if relative.is_absolute() or ".." in relative.parts:
             raise MergeError(f"{index}: tensor '{name}' points outside the folder ({filename})")
-        if not file.is_file():
+        file = index.parent / relative
+        try:
+            exists = file.is_file()
+        except (OSError, ValueError):  # a name the file system cannot hold
+            exists = False
+        if not exists:
             raise MergeError(f"{index}: tensor '{name}' is in {filename}, which does not exist")
         resolved[name] = file
     files = list(dict.fromkeys(resolved.values()))

@@ -35,6 +35,9 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
     parser.add_argument("--lowrank-include", action="append", metavar="REGEX", help="tensors given the low-rank step")
     parser.add_argument("--lowrank-exclude", action="append", metavar="REGEX", help="tensors kept out of it")
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true", default=None, help="merge NaN/Inf inputs instead of refusing them"
+    )
     parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors (default: the inputs')")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
@@ -89,6 +92,7 @@ def merge_arguments(args: argparse.Namespace) -> dict:
         "lowrank_include": args.lowrank_include,
         "lowrank_exclude": args.lowrank_exclude,
         "dtype": args.dtype,
+        "allow_nonfinite": args.allow_nonfinite,
     }
     kwargs.update({k: v for k, v in flags.items() if v is not None})
     for key in ("lowrank_include", "lowrank_exclude"):
@@ -140,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"merged into {out}", file=sys.stderr)
         return 0
-    except KeyboardInterrupt:
-        print("ccsmerge: interrupted; rerun with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"ccsmerge: {exc or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # one readable line; --debug shows where
         if args.debug:

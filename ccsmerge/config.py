@@ -41,6 +41,7 @@ class MergeConfig(BaseModel):
     device: str = "auto"
     lowrank_include: tuple[str, ...] = ()
     lowrank_exclude: tuple[str, ...] = DEFAULT_LOWRANK_EXCLUDE
+    allow_nonfinite: bool = Field(False, description="merge NaN/Inf inputs instead of refusing them")
 
     @model_validator(mode="after")
     def _finite_lam(self):

@@ -109,7 +109,7 @@ def merge_tensor(
     on_device = [x.to(device, non_blocking=non_blocking) for x in xs]
     base_on_device = base.to(device, non_blocking=non_blocking) if base is not None else None
     merged = METHODS[cfg.method](name, on_device, base_on_device, cfg)
-    check_finite(name, merged, on_device, base_on_device)
+    check_finite(name, merged, on_device, base_on_device, allow=cfg.allow_nonfinite)
     return merged.to(home)
 
 
@@ -128,6 +128,7 @@ def merge(
     device: str | torch.device = "auto",
     lowrank_include: Sequence[str] = (),
     lowrank_exclude: Sequence[str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge T state dicts of one architecture into one.
 
@@ -137,7 +138,9 @@ def merge(
     theta_avg elsewhere. lam=None takes the method's default (cart 2.0, ties 1.0,
     task_arithmetic 0.3). svd="exact" uses torch.linalg.svd; "randomized" the engine, with
     oversample=None meaning max(10, k) and power_iters=None meaning 4. Returns name -> tensor
-    in each input's dtype and device; raises MergeError on bad input before returning anything.
+    in each input's dtype and device; raises MergeError on bad input before returning anything,
+    NaN/Inf inputs included unless allow_nonfinite (then they propagate: through CART's
+    products a single NaN reaches the whole matrix).
     """
     options = dict(
         method=method,
@@ -150,6 +153,7 @@ def merge(
         seed=seed,
         device=str(device),
         lowrank_include=tuple(lowrank_include),
+        allow_nonfinite=allow_nonfinite,
     )
     if lowrank_exclude is not None:
         options["lowrank_exclude"] = tuple(lowrank_exclude)

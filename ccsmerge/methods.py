@@ -104,14 +104,16 @@ def cart(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: Merg
     center = ops.mean(xs)
     if not cart_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs)):
         return center.to(xs[0].dtype)
-    check_finite(name, center, xs)
+    check_finite(name, center, xs, allow=cfg.allow_nonfinite)
     return cart_update(center, cart_factors(name, xs, center, cfg), cfg.scale, xs[0].dtype)
 
 
-def check_finite(name: str, probe: torch.Tensor, xs: list[torch.Tensor], base: torch.Tensor | None = None) -> None:
+def check_finite(
+    name: str, probe: torch.Tensor, xs: list[torch.Tensor], base: torch.Tensor | None = None, *, allow: bool = False
+) -> None:
     """Raise MergeError naming the model whose tensor is non-finite, when probe
-    (a tensor computed from all inputs) is."""
-    if bool(torch.isfinite(probe).all()):
+    (a tensor computed from all inputs) is, unless allow."""
+    if allow or bool(torch.isfinite(probe).all()):
         return
     labelled = [(f"model {i}", x) for i, x in enumerate(xs)] + ([("base", base)] if base is not None else [])
     for label, x in labelled:

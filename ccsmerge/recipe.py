@@ -46,6 +46,7 @@ class Parameters(BaseModel):
     seed: int | None = None
     lowrank_include: list[str] | None = None
     lowrank_exclude: list[str] | None = None
+    allow_nonfinite: bool | None = None
 
     def options(self) -> dict:
         """The parameters that were given, as merge options."""

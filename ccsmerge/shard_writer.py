@@ -117,7 +117,10 @@ class ShardWriter:
         data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         if self._written + data.nbytes > expected.nbytes:
             raise MergeError(f"{self.path}: tensor '{name}' got more data than its shape holds")
-        self._file.write(memoryview(data))
+        try:
+            self._file.write(memoryview(data))
+        except OSError as exc:  # name the file: a bare ENOSPC does not
+            raise OSError(exc.errno, exc.strerror, str(self.part)) from None
         self._written += data.nbytes
         if self._written == expected.nbytes:
             self._next += 1

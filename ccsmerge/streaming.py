@@ -29,7 +29,7 @@ from ._version import __version__
 from .blockwise import merge_in_blocks
 from .checkpoint import Checkpoint
 from .config import MergeConfig
-from .errors import MergeError
+from .errors import MergeError, MergeInterrupted
 from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
 from .planning import MergePlan, TensorPlan, make_plan
 from .recipe import DTYPES, ModelEntry, Parameters, Recipe, dump_recipe
@@ -105,6 +105,7 @@ def prepare_merge(
             seed=cfg.seed,
             lowrank_include=list(cfg.lowrank_include),
             lowrank_exclude=list(cfg.lowrank_exclude),
+            allow_nonfinite=cfg.allow_nonfinite or None,
         ),
         dtype=dtype,
         ccsmerge_version=__version__,
@@ -159,10 +160,13 @@ def merge_checkpoints(
         with full_precision_matmuls():
             _stream(prepared, device, partial, done, progress, overlap)
     except MergeError:
-        # Bad input: nothing worth resuming. An interruption (a signal, a full
-        # disk) keeps the finished shards for `resume`.
+        # Bad input: nothing worth resuming. A signal keeps the finished shards for `resume`.
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    except OSError as exc:  # a full disk, a lost mount: free what was written
+        shutil.rmtree(partial, ignore_errors=True)
+        where = exc.filename or out
+        raise MergeError(f"{where}: {exc.strerror or exc}; the partial output {partial} was removed") from None
 
     write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
     source = prepared.base or prepared.models[0]
@@ -285,6 +289,8 @@ class _Pipeline:
         self.to_write: queue.Queue = queue.Queue(maxsize=4)
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
+        self.current: str | None = None  # the tensor being merged
+        self.merged = 0
 
     # Queue operations that give up once another thread has failed.
     def put(self, q: queue.Queue, item) -> None:
@@ -379,6 +385,14 @@ class _Pipeline:
             self.put(self.to_write, (t.name, chunk.to(t.out_dtype), 0))
         self.put(self.to_write, (None, None, held))  # the writer releases the budget once it has written all blocks
 
+    def where_stopped(self) -> str:
+        shards = len(self.p.plan.shards)
+        finished = sum(1 for i in range(shards) if (self.folder / shard_filename(i, shards)).is_file())
+        return (
+            f"interrupted while merging tensor '{self.current}' ({self.merged} of {len(self.todo)} tensors done); "
+            f"{finished} of {shards} shards are finished in {self.folder}: rerun with --resume to continue"
+        )
+
     def run(self) -> None:
         reader = threading.Thread(target=self.read, name="ccsmerge-reader", daemon=True)
         writer = threading.Thread(target=self.write, name="ccsmerge-writer", daemon=True)
@@ -388,7 +402,9 @@ class _Pipeline:
         try:
             for done, item in enumerate(iter(lambda: self.get(self.loaded), None), start=1):
                 t, inputs, held = item
+                self.current = t.name
                 self.merge(t, inputs, held)
+                self.merged = done
                 del item, inputs
                 if self.bar is not None:
                     self.bar.set_postfix_str(
@@ -430,6 +446,8 @@ def _stream(
         pipeline.bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
     try:
         pipeline.run()
+    except KeyboardInterrupt:
+        raise MergeInterrupted(pipeline.where_stopped()) from None
     finally:
         if pipeline.bar is not None:
             pipeline.bar.close()
