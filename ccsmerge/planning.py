@@ -5,6 +5,7 @@ merged whole or in row blocks, and the output shards."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -144,10 +145,18 @@ def plan_tensor(
     return TensorPlan(name, shape, dtype, final_dtype, policy, rank, memory, block_rows, passes)
 
 
+def natural_order(name: str) -> tuple:
+    """Sort key that puts layers.2 before layers.10, so that shards follow the
+    model's layers, whatever order (and layout) the inputs list tensors in."""
+    parts = tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+    return parts, name  # the name itself breaks ties such as a1 / a01
+
+
 def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> list[str]:
-    """Names of model 0, after checking every input has the same names, shapes and dtypes."""
+    """The tensor names in output order, after checking every input has the
+    same names, shapes and dtypes."""
     reference = models[0]
-    names = list(reference.tensors)
+    names = sorted(reference.tensors, key=natural_order)
     others = [(str(m.path), m) for m in models[1:]] + ([(f"{base.path} (base)", base)] if base else [])
     for label, ckpt in others:
         missing = [n for n in names if n not in ckpt.tensors]

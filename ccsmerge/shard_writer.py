@@ -140,6 +140,9 @@ class ShardWriter:
         os.replace(self.part, self.path)
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # flushing what is buffered can fail again (a full disk)
+            pass
         self.part.unlink(missing_ok=True)
 
