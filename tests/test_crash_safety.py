@@ -183,7 +183,8 @@ def test_merges_release_files_and_threads(few_inputs, tmp_path):
     ccsmerge.merge_checkpoints(inputs, tmp_path / "warm-up", device="cpu", method="average")
     fds, threads = process.num_fds(), threading.active_count()
     for i in range(3):
-        ccsmerge.merge_checkpoints(inputs, tmp_path / f"run-{i}", device="cpu", method="average", max_memory=BLOCKING_BUDGET)
+        out = tmp_path / f"run-{i}"
+        ccsmerge.merge_checkpoints(inputs, out, device="cpu", method="average", max_memory=BLOCKING_BUDGET)
     with pytest.raises(ccsmerge.MergeError):
         ccsmerge.merge_checkpoints(inputs, tmp_path / "run-0", device="cpu", method="average")  # exists: refused
     assert process.num_fds() == fds
