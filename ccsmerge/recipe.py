@@ -91,7 +91,10 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as exc:
         raise MergeError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise MergeError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise MergeError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise MergeError(f"{path}: expected a mapping with merge_method and models")
     recipe = parse_recipe(data, str(path))

@@ -169,8 +169,9 @@ def merge_checkpoints(
         raise MergeError(f"{where}: {exc.strerror or exc}; the partial output {partial} was removed") from None
 
     write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
-    source = prepared.base or prepared.models[0]
-    for aux in source.aux_files():
+    # Config and tokenizer files: the base's, or the first model's that has any.
+    sources = ([prepared.base] if prepared.base else []) + prepared.models
+    for aux in next((found for ckpt in sources if (found := ckpt.aux_files())), []):
         shutil.copyfile(aux, partial / aux.name)
     _publish(partial, out)
     return out
@@ -205,6 +206,10 @@ def _reuse_partial(partial: Path, prepared: PreparedMerge, recipe_text: str, res
         raise MergeError(f"{recorded}: the interrupted merge used other inputs or options; it cannot be resumed")
     done = set()
     shards = prepared.plan.shards
+    planned = {shard_filename(i, len(shards)) for i in range(len(shards))}
+    for stale in partial.glob("model-*.safetensors*"):  # from a plan with another shard size
+        if stale.name not in planned:
+            stale.unlink()
     for i, shard in enumerate(shards):
         path = partial / shard_filename(i, len(shards))
         path.with_name(path.name + ".part").unlink(missing_ok=True)

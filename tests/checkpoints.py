@@ -1,0 +1,145 @@
+"""Tiny Hugging Face-style checkpoints on disk for the streaming, reader and
+CLI tests: toy models from ccsmerge.synthetic written in every layout
+ccsmerge reads, and helpers that read a merged output folder back with
+safetensors alone."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ccsmerge.synthetic import fine_tunes, toy_transformer
+
+# Layouts of one model on disk.
+LAYOUTS = ("safetensors", "sharded-safetensors", "bin", "sharded-bin", "file-safetensors", "file-pt")
+
+# Files that travel with the weights; each model gets its own content so that
+# a test can tell whose were copied.
+AUX_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+# An integer buffer: copied, never merged.
+INT_BUFFER = "position_ids"
+
+
+def toy_set(
+    count: int = 3,
+    *,
+    layers: int = 1,
+    width: int = 32,
+    vocab: int = 64,
+    dtype: torch.dtype = torch.float32,
+    int_buffer: bool = True,
+    seed: int = 0,
+):
+    """(base, [fine-tuned models]): contiguous state dicts of one toy architecture."""
+    base = toy_transformer(layers, width, vocab, seed=seed)
+    models = fine_tunes(base, count, seed=seed + 1)
+    sds = []
+    for sd in [base, *models]:
+        sd = {k: v.to(dtype).contiguous() for k, v in sd.items()}
+        if int_buffer:
+            sd[INT_BUFFER] = torch.arange(vocab, dtype=torch.int64)
+        sds.append(sd)
+    return sds[0], sds[1:]
+
+
+def _split(names: list[str], parts: int) -> list[list[str]]:
+    size = -(-len(names) // parts)
+    return [names[i : i + size] for i in range(0, len(names), size)]
+
+
+def _index(folder: Path, sd: dict[str, torch.Tensor], shards: list[list[str]], filename, index_name: str) -> None:
+    weight_map = {n: filename(i, len(shards)) for i, shard in enumerate(shards) for n in shard}
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+
+
+def write_checkpoint(sd: dict[str, torch.Tensor], path: Path, layout: str = "safetensors", *, label: str = "") -> Path:
+    """Save sd under `path` in `layout`; return what to pass to ccsmerge (a
+    folder, or the file for the bare-file layouts). Folders get aux files
+    whose content names `label`."""
+    # Names in sorted order, the order safetensors lists them in, so that every
+    # layout presents the tensors in the same order (the output follows it).
+    # Cloned: torch.save would store whole shared storages.
+    sd = {k: sd[k].clone().contiguous() for k in sorted(sd)}
+    names = list(sd)
+    if layout == "file-safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(sd, path / "weights.safetensors")
+        return path / "weights.safetensors"
+    if layout == "file-pt":
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(sd, path / "weights.pt")
+        return path / "weights.pt"
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "safetensors":
+        save_file(sd, path / "model.safetensors")
+    elif layout == "bin":
+        torch.save(sd, path / "pytorch_model.bin")
+    elif layout == "sharded-safetensors":
+        shards = _split(names, 3)
+        name = lambda i, n: f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        for i, shard in enumerate(shards):
+            save_file({k: sd[k] for k in shard}, path / name(i, len(shards)))
+        _index(path, sd, shards, name, "model.safetensors.index.json")
+    elif layout == "sharded-bin":
+        shards = _split(names, 2)
+        name = lambda i, n: f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+        for i, shard in enumerate(shards):
+            torch.save({k: sd[k] for k in shard}, path / name(i, len(shards)))
+        _index(path, sd, shards, name, "pytorch_model.bin.index.json")
+    else:
+        raise ValueError(layout)
+    for aux in AUX_NAMES:
+        (path / aux).write_text(json.dumps({"file": aux, "from": label}))
+    (path / "README.md").write_text(f"notes of {label}\n")  # not an aux file: stays behind
+    return path
+
+
+def write_set(root: Path, base, models, layout: str = "safetensors"):
+    """(base path, [model paths]) under root."""
+    base_path = write_checkpoint(base, root / "base", layout, label="base")
+    paths = [write_checkpoint(sd, root / f"ft{i}", layout, label=f"ft{i}") for i, sd in enumerate(models)]
+    return base_path, paths
+
+
+def index_of(folder: Path) -> dict:
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model-*-of-*.safetensors"))
+
+
+def load_output(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a merged folder, read with safetensors.torch.load_file."""
+    out: dict[str, torch.Tensor] = {}
+    for shard in shard_files(folder):
+        tensors = load_file(shard)
+        assert not (tensors.keys() & out.keys()), f"{shard}: a tensor is in two shards"
+        out.update(tensors)
+    return out
+
+
+def shard_metadata(shard: Path) -> dict[str, str]:
+    with safe_open(shard, framework="pt") as f:
+        return f.metadata()
+
+
+def split_shard(shard: Path) -> tuple[dict, bytes]:
+    """(header without __metadata__, data bytes) of a safetensors file, parsed by hand."""
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    return header, raw[8 + length :]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """name -> content of every file in a folder (flat, as merged outputs are)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
