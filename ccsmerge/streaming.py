@@ -184,6 +184,8 @@ def _check_output(out: Path, prepared: PreparedMerge, overwrite: bool) -> None:
         where = ckpt.path.resolve()
         if target == where or target in where.parents:
             raise MergeError(f"{out}: the output would replace the input {ckpt.path}")
+        if where in target.parents:
+            raise MergeError(f"{out}: the output would be written inside the input {ckpt.path}")
     if out.exists() and not overwrite:
         if not out.is_dir() or any(out.iterdir()):
             raise MergeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
