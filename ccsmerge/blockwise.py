@@ -25,7 +25,15 @@ from .config import MergeConfig
 from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import _top_triplets, gaussian_test_matrix, sketch_width
-from .methods import average, cart_uses_lowrank, check_finite, lowrank_rank, task_arithmetic, tensor_seed
+from .methods import (
+    average,
+    cart_uses_lowrank,
+    check_finite,
+    lowrank_rank,
+    task_arithmetic,
+    tensor_seed,
+    warn_nonfinite_average,
+)
 
 RowSource = Callable[[int, int], "tuple[list[torch.Tensor], torch.Tensor | None]"]
 
@@ -89,6 +97,8 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
             xs, center = centered(start, stop)
             if rhs is omega:
                 check_finite(name, center, xs, allow=cfg.allow_nonfinite)
+                if not bool(torch.isfinite(center).all()):
+                    raise _NonFinite()
             part = ops.centered_matmul(xs, center, rhs)
             if y is None:
                 y = torch.empty((part.shape[0], m, width), dtype=work, device=device)
@@ -103,7 +113,13 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
             total = part if total is None else total.add_(part)
         return total
 
-    q = range_basis(omega)
+    try:
+        q = range_basis(omega)
+    except _NonFinite:  # allowed NaN/Inf: no SVD, the average
+        warn_nonfinite_average(name)
+        for start, stop in blocks:
+            yield centered(start, stop)[1].to(dtype).cpu()
+        return
     for _ in range(cfg.power_iters_for()):
         q = range_basis(ops.orthonormalize(transposed_product(q)))
     u, s, vh = _top_triplets(q, transposed_product(q), k)
@@ -114,6 +130,10 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
     for start, stop in blocks:
         xs, center = centered(start, stop)
         yield ops.lowrank_update(center, left[start:stop].contiguous(), right, cfg.scale, dtype).cpu()
+
+
+class _NonFinite(Exception):
+    pass
 
 
 def _ties(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Tensor]:

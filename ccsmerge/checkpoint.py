@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +171,9 @@ def _torch_load(file: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
     except RuntimeError as exc:
         if mmap and "zipfile" in str(exc):
             raise _NotZipfile() from None
-        raise MergeError(f"{file}: cannot load: {exc}") from None
+        raise MergeError(f"{file}: cannot load: {_one_line(exc)}") from None
     except Exception as exc:
-        raise MergeError(f"{file}: refused or failed to load with weights_only=True: {exc}") from None
+        raise MergeError(f"{file}: refused or failed to load with weights_only=True: {_one_line(exc)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -181,6 +182,16 @@ def _torch_load(file: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise MergeError(f"{file}: entry '{name}' is a {type(value).__name__}, not a tensor")
     return obj
+
+
+def _one_line(exc: Exception) -> str:
+    """torch.load's errors span lines (with terminal colours); keep the line that says what failed."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if "Unpickler error" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
 
 
 def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:

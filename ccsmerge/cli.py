@@ -78,7 +78,8 @@ def merge_arguments(args: argparse.Namespace) -> dict:
         )
     else:
         if not args.model or len(args.model) < 2:
-            raise MergeError("give at least two --model PATH (or a recipe file)")
+            count = len(args.model or [])
+            raise MergeError(f"merging needs at least 2 models, got {count} (--model PATH, once each, or a recipe)")
         kwargs.update(models=args.model, base=args.base)
     flags = {
         "method": args.method,

@@ -139,8 +139,8 @@ def merge(
     task_arithmetic 0.3). svd="exact" uses torch.linalg.svd; "randomized" the engine, with
     oversample=None meaning max(10, k) and power_iters=None meaning 4. Returns name -> tensor
     in each input's dtype and device; raises MergeError on bad input before returning anything,
-    NaN/Inf inputs included unless allow_nonfinite (then they propagate: through CART's
-    products a single NaN reaches the whole matrix).
+    NaN/Inf inputs included unless allow_nonfinite (then they propagate elementwise, and CART
+    merges a matrix holding them as the plain average, with a warning).
     """
     options = dict(
         method=method,

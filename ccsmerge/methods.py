@@ -4,6 +4,7 @@ returns the merged tensor in the inputs' dtype."""
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable
 
@@ -105,7 +106,15 @@ def cart(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: Merg
     if not cart_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs)):
         return center.to(xs[0].dtype)
     check_finite(name, center, xs, allow=cfg.allow_nonfinite)
+    if cfg.allow_nonfinite and not bool(torch.isfinite(center).all()):
+        warn_nonfinite_average(name)
+        return center.to(xs[0].dtype)
     return cart_update(center, cart_factors(name, xs, center, cfg), cfg.scale, xs[0].dtype)
+
+
+def warn_nonfinite_average(name: str) -> None:
+    """With allow_nonfinite, a matrix holding NaN/Inf has no SVD: CART gives it the plain average."""
+    warnings.warn(f"tensor '{name}': NaN/Inf inputs have no SVD; merged as the average (allow_nonfinite)")
 
 
 def check_finite(

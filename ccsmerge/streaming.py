@@ -77,17 +77,15 @@ def prepare_merge(
 ) -> PreparedMerge:
     """Open the inputs (headers only), validate everything and plan the merge."""
     if isinstance(models, (str, Path)) or len(models) < 2:
-        raise MergeError("merging needs at least 2 models")
+        count = 1 if isinstance(models, (str, Path)) else len(models)
+        raise MergeError(f"merging needs at least 2 models, got {count}")
     cfg = make_config(method=method, **options)
     if cfg.method in ("task_arithmetic", "ties") and base is None:
         raise MergeError(f"method '{cfg.method}' needs a base model (--base)")
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
-    try:
-        budget = default_budget() if max_memory is None else parse_size(max_memory)
-        shard_bytes = parse_size(out_shard_size)
-    except ValueError as exc:
-        raise MergeError(str(exc)) from None
+    budget = default_budget() if max_memory is None else _size("max_memory", max_memory)
+    shard_bytes = _size("out_shard_size", out_shard_size)
     opened = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base is not None else None
     plan = make_plan(opened, base_ckpt, cfg, budget, getattr(torch, dtype) if dtype else None, shard_bytes)
@@ -111,6 +109,13 @@ def prepare_merge(
         ccsmerge_version=__version__,
     )
     return PreparedMerge(plan, cfg, opened, base_ckpt, recipe)
+
+
+def _size(option: str, value: str | int) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise MergeError(f"{option}: {exc}") from None
 
 
 def plan_checkpoints(models: Sequence[str | Path], method: str = "cart", base=None, **options) -> MergePlan:
@@ -159,14 +164,15 @@ def merge_checkpoints(
     try:
         with full_precision_matmuls():
             _stream(prepared, device, partial, done, progress, overlap)
-    except MergeError:
-        # Bad input: nothing worth resuming. A signal keeps the finished shards for `resume`.
+    except Exception as exc:
+        # Bad input, a full disk, a failure: nothing worth resuming, and the
+        # space is freed. Only an interruption (Ctrl-C, a kill) keeps the
+        # finished shards for `resume`.
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError):
+            where = exc.filename or out
+            raise MergeError(f"{where}: {exc.strerror or exc}; the partial output {partial} was removed") from None
         raise
-    except OSError as exc:  # a full disk, a lost mount: free what was written
-        shutil.rmtree(partial, ignore_errors=True)
-        where = exc.filename or out
-        raise MergeError(f"{where}: {exc.strerror or exc}; the partial output {partial} was removed") from None
 
     write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
     # Config and tokenizer files: the base's, or the first model's that has any.

@@ -232,7 +232,7 @@ def test_bad_options(tmp_path, small, capsys, extra, fragments):
 def test_one_model_is_refused(tmp_path, small, capsys):
     _, _, _, paths = small
     code, _, err = run(["merge", *model_flags(paths[:1]), "--out", tmp_path / "out"], capsys)
-    assert_one_error_line(code, err, "two")
+    assert_one_error_line(code, err, "at least 2 models, got 1")
 
 
 def test_error_midway_is_one_line(tmp_path, capsys):

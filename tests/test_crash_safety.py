@@ -208,3 +208,13 @@ def test_nonfinite_inputs_are_refused_unless_allowed(tmp_path):
     expected = torch.full((4, 6), 1.0)
     expected[2, 3] = float("nan")
     torch.testing.assert_close(merged, expected, equal_nan=True)
+    # CART has no SVD of a matrix holding NaN: with the flag, whole or in row blocks, it is the average.
+    plan = ccsmerge.plan_checkpoints(paths, max_memory="3000")
+    assert {t.name: t.block_rows for t in plan.tensors}["w"] is not None
+    for budget in (None, "3000"):
+        with pytest.warns(UserWarning, match="tensor 'w': NaN/Inf inputs have no SVD"):
+            out = ccsmerge.merge_checkpoints(
+                paths, tmp_path / f"cart-{budget}", device="cpu", allow_nonfinite=True, max_memory=budget
+            )
+        merged = load_file(next(out.glob("*.safetensors")))["w"]
+        torch.testing.assert_close(merged, expected, equal_nan=True)
