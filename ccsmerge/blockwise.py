@@ -26,6 +26,7 @@ from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import _top_triplets, gaussian_test_matrix, sketch_width
 from .methods import (
+    all_finite,
     average,
     cart_uses_lowrank,
     check_finite,
@@ -97,7 +98,7 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
             xs, center = centered(start, stop)
             if rhs is omega:
                 check_finite(name, center, xs, allow=cfg.allow_nonfinite)
-                if not bool(torch.isfinite(center).all()):
+                if not all_finite(center):
                     raise _NonFinite()
             part = ops.centered_matmul(xs, center, rhs)
             if y is None:
@@ -159,7 +160,7 @@ def _ties(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
         kept_sum = (taus * agrees).sum(0)
         kept_count = agrees.sum(0).clamp_(min=1)
         merged = b.reshape(-1) + cfg.scale * kept_sum / kept_count
-        if not bool(torch.isfinite(merged).all()):
+        if not all_finite(merged):
             xs, base = _load(source, start, stop, device)
             check_finite(name, merged, xs, base, allow=cfg.allow_nonfinite)
         yield merged.reshape(b.shape).to(dtype).cpu()

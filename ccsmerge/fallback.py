@@ -13,12 +13,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def mean(xs: list[torch.Tensor]) -> torch.Tensor:
-    dtype = compute_dtype(xs[0].dtype)
-    acc = xs[0].to(dtype, copy=True)
+def mean(xs: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    acc = xs[0].to(compute_dtype(xs[0].dtype), copy=True)
     for x in xs[1:]:
-        acc += x.to(dtype)
-    return acc.div_(len(xs))
+        acc += x.to(acc.dtype)
+    acc.div_(len(xs))
+    return acc if dtype is None else acc.to(dtype)
 
 
 def centered_matmul(

@@ -73,16 +73,23 @@ def _top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tens
     if bt.dtype == torch.float64:
         v, s, wh = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
         return q @ wh.mT[..., :k], s[..., :k], v.mT[..., :k, :]
-    b64 = bt.to(torch.float64)
-    w = torch.linalg.eigh(b64.mT @ b64).eigenvectors[..., -k:]  # eigenvalues ascend
-    scaled_v = b64 @ w  # (T, n, k) columns sigma_i v_i
-    s = torch.linalg.vector_norm(scaled_v, dim=-2)
-    s, order = s.sort(dim=-1, descending=True)
-    w = w.gather(-1, order.unsqueeze(-2).expand_as(w))
-    scaled_v = scaled_v.gather(-1, order.unsqueeze(-2).expand_as(scaled_v))
-    vh = (scaled_v / s.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)).mT
+    # The float64 copies of the (n x l) B^T are made one task at a time: their
+    # memory is that of one task, not T. The l x l eigenproblems stay batched.
+    gram = torch.stack([b.mT @ b for b in (bt[t].to(torch.float64) for t in range(bt.shape[0]))])
+    ws = torch.linalg.eigh(gram).eigenvectors[..., -k:]  # eigenvalues ascend
     dtype = q.dtype
-    return q @ w.to(dtype), s.to(dtype), _polar_step(vh).to(dtype)
+    us, ss, vhs = [], [], []
+    for t in range(bt.shape[0]):
+        scaled_v = bt[t].to(torch.float64) @ ws[t]  # (n, k) columns sigma_i v_i
+        s = torch.linalg.vector_norm(scaled_v, dim=0)
+        s, order = s.sort(descending=True)
+        w, scaled_v = ws[t][:, order], scaled_v[:, order]
+        vh = (scaled_v / s.clamp_min(torch.finfo(torch.float64).tiny)).mT
+        del scaled_v
+        us.append(q[t] @ w.to(dtype))
+        ss.append(s.to(dtype))
+        vhs.append(_polar_step(vh).to(dtype))
+    return torch.stack(us), torch.stack(ss), torch.stack(vhs)
 
 
 def _polar_step(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def lowrank_rank(shape: torch.Size, rank_ratio: float) -> int:
 
 
 def average(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig) -> torch.Tensor:
-    return ops.mean(xs).to(xs[0].dtype)
+    return ops.mean(xs, xs[0].dtype)
 
 
 def task_arithmetic(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig) -> torch.Tensor:
@@ -106,10 +106,21 @@ def cart(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: Merg
     if not cart_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs)):
         return center.to(xs[0].dtype)
     check_finite(name, center, xs, allow=cfg.allow_nonfinite)
-    if cfg.allow_nonfinite and not bool(torch.isfinite(center).all()):
+    if cfg.allow_nonfinite and not all_finite(center):
         warn_nonfinite_average(name)
         return center.to(xs[0].dtype)
     return cart_update(center, cart_factors(name, xs, center, cfg), cfg.scale, xs[0].dtype)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A NaN or Inf anywhere makes the sum
+    non-finite, and a sum is ~10x faster than isfinite(); only a sum that
+    overflows needs the exact check."""
+    # float16 sums overflow (max 65504): sum those in float32.
+    total = tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum()
+    if bool(torch.isfinite(total)):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def warn_nonfinite_average(name: str) -> None:
@@ -122,11 +133,11 @@ def check_finite(
 ) -> None:
     """Raise MergeError naming the model whose tensor is non-finite, when probe
     (a tensor computed from all inputs) is, unless allow."""
-    if allow or bool(torch.isfinite(probe).all()):
+    if allow or all_finite(probe):
         return
     labelled = [(f"model {i}", x) for i, x in enumerate(xs)] + ([("base", base)] if base is not None else [])
     for label, x in labelled:
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise MergeError(f"tensor '{name}': {label} has NaN or Inf values")
     raise MergeError(f"tensor '{name}': the merge overflowed (inputs are finite, the result is not)")
 

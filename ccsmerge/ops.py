@@ -31,15 +31,16 @@ def _native(op: str, device: torch.device) -> bool:
     return False
 
 
-def mean(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """T-way mean of same-shape floating tensors, in float32 (float64 for
-    float64 inputs), summed in input order."""
+def mean(xs: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """T-way mean of same-shape floating tensors, summed in input order in
+    float32 (float64 for float64 inputs) and returned in that type, or
+    rounded once to `dtype` (fused on the CPU: no float32 copy is written)."""
     xs = list(xs)
     if not xs:
         raise ValueError("mean: expected at least one tensor")
     if _native("mean", xs[0].device):
-        return torch.ops.ccsmerge.mean.default(xs)
-    return fallback.mean(xs)
+        return torch.ops.ccsmerge.mean.default(xs, dtype)
+    return fallback.mean(xs, dtype)
 
 
 def centered_matmul(
@@ -76,8 +77,8 @@ def lowrank_update(
 if _extension.loaded:
 
     @torch.library.register_fake("ccsmerge::mean")
-    def _mean_fake(xs):
-        return xs[0].new_empty(xs[0].shape, dtype=fallback.compute_dtype(xs[0].dtype))
+    def _mean_fake(xs, dtype=None):
+        return xs[0].new_empty(xs[0].shape, dtype=dtype or fallback.compute_dtype(xs[0].dtype))
 
     @torch.library.register_fake("ccsmerge::centered_matmul")
     def _centered_matmul_fake(xs, center, rhs, transpose):

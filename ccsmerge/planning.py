@@ -64,11 +64,13 @@ class MergePlan:
 
 
 def _sketch_state_bytes(shape: tuple[int, ...], T: int, k: int, width: int, work: int) -> int:
-    """Factors a row-block CART keeps whole: Omega, the T bases Q (m x l) and
+    """Factors a CART merge keeps whole: Omega, the T bases Q (m x l) and
     D^T Q (n x l) with their orthonormalisation workspace, the T rank-k
-    factors, and the float64 copies used for the small SVDs."""
+    factors, and the float64 temporaries of the small SVDs (B^T, sigma V and
+    the polar step's three k x n products)."""
     m, n = shape
-    return work * (n * width + 3 * T * (m + n) * width + 2 * T * k * (m + n)) + 8 * T * (n * width + width * width)
+    float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)  # one task's B^T at a time
+    return work * (n * width + 3 * T * (m + n) * width + 2 * T * k * (m + n)) + float64
 
 
 def _bytes_per_element(policy: str, T: int, has_base: bool, in_b: int, work: int, out_b: int) -> int:

@@ -14,9 +14,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ccsmerge, m) {
-  // T-way mean of same-shape tensors, accumulated and returned in float32
-  // (float64 for float64 inputs).
-  m.def("mean(Tensor[] xs) -> Tensor");
+  // T-way mean of same-shape tensors, accumulated in float32 (float64 for
+  // float64 inputs) and returned in that type, or rounded once to dtype.
+  m.def("mean(Tensor[] xs, ScalarType? dtype=None) -> Tensor");
   // out[t] = op(xs[t] - center) @ rhs_t with op = transpose or identity,
   // without materialising xs[t] - center. rhs is (r, l) shared by all t or
   // (T, r, l). Returns (T, rows, l).

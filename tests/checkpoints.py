@@ -143,3 +143,26 @@ def split_shard(shard: Path) -> tuple[dict, bytes]:
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """name -> content of every file in a folder (flat, as merged outputs are)."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def smallest_budget(paths, method: str = "cart", **options) -> int:
+    """The smallest memory budget ccsmerge accepts for these inputs (found by
+    bisection on the planner, which refuses smaller ones): at it, the tensor
+    that needs the most is merged in one-row blocks. Tests derive their
+    budgets from it rather than from the planner's current estimates."""
+    import ccsmerge
+
+    def accepted(budget: int) -> bool:
+        try:
+            ccsmerge.plan_checkpoints(paths, method, max_memory=budget, **options)
+            return True
+        except ccsmerge.MergeError:
+            return False
+
+    low, high = 1, 1 << 20
+    while not accepted(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if accepted(mid) else (mid, high)
+    return high

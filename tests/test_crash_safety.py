@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import ccsmerge
 from ccsmerge.streaming import partial_folder
+from checkpoints import smallest_budget
 
 MODELS = 4
 BLOCKING_BUDGET = "180KB"  # the 64 x 48 matrices are merged in row blocks under it
@@ -209,9 +210,10 @@ def test_nonfinite_inputs_are_refused_unless_allowed(tmp_path):
     expected[2, 3] = float("nan")
     torch.testing.assert_close(merged, expected, equal_nan=True)
     # CART has no SVD of a matrix holding NaN: with the flag, whole or in row blocks, it is the average.
-    plan = ccsmerge.plan_checkpoints(paths, max_memory="3000")
+    blocking = smallest_budget(paths, "cart")
+    plan = ccsmerge.plan_checkpoints(paths, max_memory=blocking)
     assert {t.name: t.block_rows for t in plan.tensors}["w"] is not None
-    for budget in (None, "3000"):
+    for budget in (None, blocking):
         with pytest.warns(UserWarning, match="tensor 'w': NaN/Inf inputs have no SVD"):
             out = ccsmerge.merge_checkpoints(
                 paths, tmp_path / f"cart-{budget}", device="cpu", allow_nonfinite=True, max_memory=budget

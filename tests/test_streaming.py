@@ -34,6 +34,7 @@ from checkpoints import (
     load_output,
     shard_files,
     shard_metadata,
+    smallest_budget,
     toy_set,
     write_checkpoint,
     write_set,
@@ -111,30 +112,29 @@ def test_sequential_pipeline_gives_the_same_bytes(tmp_path, small):
 # ----------------------------------------------------------------------------- row blocks
 
 
-# Budgets that force row blocks in every method on the width-64 models (for
-# CART, of low-rank tensors too) yet hold one row block and CART's factors.
-BUDGETS = {torch.float32: "400KB", torch.bfloat16: "400KB", torch.float64: "1MB"}
-
-
-@pytest.fixture(scope="module", params=list(BUDGETS), ids=str)
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16, torch.float64], ids=str)
 def wide(request, tmp_path_factory):
-    """Width-64 toy models with a 512-token vocabulary, in one floating dtype, and their budget."""
+    """Width-64 toy models with a 512-token vocabulary, in one floating dtype,
+    and a budget that forces row blocks in every method (for CART, of
+    low-rank tensors too) yet holds one row block and CART's factors."""
     base, models = toy_set(3, width=64, vocab=512, dtype=request.param)
     base_path, paths = write_set(tmp_path_factory.mktemp("wide"), base, models)
-    return base, models, base_path, paths, BUDGETS[request.param]
+    budget = int(1.2 * smallest_budget(paths, "cart"))
+    return base, models, base_path, paths, budget
 
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties", "cart"])
 def test_row_blocks_equal_the_in_memory_merge(tmp_path, wide, method):
-    base, models, base_path, paths, budget = wide
+    base, models, base_path, paths, _ = wide
     dtype = models[0]["lm_head.weight"].dtype
     base_arg = base_path if method in NEEDS_BASE else None
+    budget = smallest_budget(paths, method, base=base_arg)  # the neediest tensor in one-row blocks
     plan = ccsmerge.plan_checkpoints(paths, method, base=base_arg, max_memory=budget)
     blocked = {t.name: t for t in plan.tensors if t.block_rows is not None}
     assert blocked, "the budget should force row blocks"
     assert all(t.memory <= plan.budget for t in plan.tensors)
     if method == "cart":
-        assert {t.policy for t in blocked.values()} == {"low-rank", "average"}
+        assert "low-rank" in {t.policy for t in blocked.values()}  # averaged ones: the "average" case
     if method == "ties":
         assert all(t.passes > 1 for t in blocked.values())  # threshold selection passes, then the merge
 

@@ -8,6 +8,15 @@ inline at::ScalarType compute_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// mean's output dtype: the compute dtype unless another floating type is requested.
+inline at::ScalarType mean_out_dtype(at::ScalarType input, std::optional<at::ScalarType> requested) {
+  if (!requested.has_value()) return compute_dtype(input);
+  const auto dtype = *requested;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "mean: output dtype must be float32, float64, bfloat16 or float16, got ", dtype);
+  return dtype;
+}
+
 // All xs share one shape, one floating dtype and one device.
 inline void check_same_stack(at::TensorList xs, const char* op) {
   TORCH_CHECK(!xs.empty(), op, ": expected at least one tensor");

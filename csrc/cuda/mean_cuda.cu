@@ -85,15 +85,17 @@ void launch_mean(const std::vector<const scalar_t*>& inputs, acc_t* out, int64_t
 
 }  // namespace
 
-at::Tensor mean(at::TensorList xs) {
+at::Tensor mean(at::TensorList xs, std::optional<at::ScalarType> out_dtype) {
   check_same_stack(xs, "mean");
   const auto& x0 = xs[0];
   TORCH_CHECK(x0.is_cuda(), "mean (cuda): tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(x0.device());
   const auto dtype = compute_dtype(x0.scalar_type());
+  // Another output dtype is one rounding of the accumulated mean (not fused here).
+  const auto final_dtype = mean_out_dtype(x0.scalar_type(), out_dtype);
   auto out = at::empty(x0.sizes(), x0.options().dtype(dtype));
   const int64_t n = out.numel();
-  if (n == 0) return out;
+  if (n == 0) return out.to(final_dtype);
   std::vector<at::Tensor> contiguous;
   contiguous.reserve(xs.size());
   for (const auto& x : xs) contiguous.push_back(x.contiguous());
@@ -118,7 +120,7 @@ at::Tensor mean(at::TensorList xs) {
       launch_mean<scalar_t, acc_t, 1>(ptrs, o + done, n - done);
     }
   });
-  return out;
+  return out.to(final_dtype);
 }
 
 }  // namespace ccsmerge::cuda
