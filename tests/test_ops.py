@@ -139,6 +139,26 @@ def test_mean_cuda_kernel_bitwise_equals_cpu_kernel(cuda_device, dtype, T, layou
     assert torch.equal(gpu.cpu(), cpu)
 
 
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_mean_output_dtype_is_one_rounding_of_the_mean(device, impl, dtype, out_dtype):
+    """mean(xs, dtype) rounds the accumulated mean once: the same bits as
+    rounding the compute-dtype mean, on every path (fused on the CPU)."""
+    fn = get_impl("mean", impl, device)
+    for T, shape, layout in [(3, (37, 41), "contiguous"), (8, (2100,), "contiguous"), (5, (16, 24), "mixed")]:
+        xs = make_stack(T, shape, dtype=dtype, device=device, layout=layout, seed=T, offset=1.0, scale=3.0)
+        out = fn(xs, out_dtype)
+        assert out.dtype == out_dtype and out.shape == torch.Size(shape) and out.device == xs[0].device
+        assert torch.equal(out, fn(xs).to(out_dtype))
+
+
+def test_mean_rejects_a_non_floating_output_dtype():
+    if not has_ext("mean", "cpu"):
+        pytest.skip("no compiled CPU mean kernel")
+    with pytest.raises(RuntimeError, match="output dtype"):
+        torch.ops.ccsmerge.mean.default([torch.ones(3), torch.zeros(3)], torch.int32)
+
+
 def test_mean_rejects_empty_list():
     with pytest.raises(ValueError):
         ccsmerge.ops.mean([])
