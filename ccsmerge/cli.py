@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--resume", action="store_true", help="continue an interrupted merge into --out")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.add_argument(
+        "--distributed",
+        action="store_true",
+        help="split the merge over the processes of a torchrun job (each writes its share of the shards)",
+    )
+    merge.add_argument(
         "--no-overlap", dest="overlap", action="store_false", help="read, merge and write in turn (for measurements)"
     )
     plan = commands.add_parser("plan", help="show what a merge would do, without merging")
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             progress=not args.quiet,
             overlap=args.overlap,
+            distributed=args.distributed,
             **kwargs,
         )
         if not args.quiet:

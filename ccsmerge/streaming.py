@@ -29,6 +29,7 @@ from ._version import __version__
 from .blockwise import merge_in_blocks
 from .checkpoint import Checkpoint
 from .config import MergeConfig
+from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError, MergeInterrupted
 from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
 from .planning import MergePlan, TensorPlan, make_plan
@@ -136,6 +137,7 @@ def merge_checkpoints(
     resume: bool = False,
     progress: bool = False,
     overlap: bool = True,
+    distributed: bool = False,
     **options,
 ) -> Path:
     """Merge checkpoints on disk into the Hugging Face folder `out`.
@@ -148,38 +150,71 @@ def merge_checkpoints(
     appears only when complete; an existing non-empty `out` is refused unless
     overwrite; resume continues an interrupted merge. overlap=False reads,
     merges and writes one tensor at a time, in sequence (to measure what the
-    overlap gains). Returns `out`."""
+    overlap gains). distributed=True splits the shards over the processes of
+    a torch.distributed job (torchrun); every process calls this with the same
+    arguments. Returns `out`."""
     out = Path(out)
-    prepared = prepare_merge(
-        models, method, base, max_memory=max_memory, dtype=dtype, out_shard_size=out_shard_size, **options
-    )
-    _check_output(out, prepared, overwrite)
-    device = resolve_device(prepared.cfg.device)
+    coordinator = TorchDistributed() if distributed else Coordinator()
+    try:
+        return _merge_checkpoints(
+            coordinator,
+            models,
+            out,
+            method,
+            base,
+            dict(max_memory=max_memory, dtype=dtype, out_shard_size=out_shard_size, **options),
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            overlap=overlap,
+        )
+    finally:
+        coordinator.close()
+
+
+def _merge_checkpoints(coordinator, models, out, method, base, options, *, overwrite, resume, progress, overlap):
+    prepared = coordinator.agree(lambda: prepare_merge(models, method, base, **options))[coordinator.rank]
     partial = partial_folder(out)
     recipe_text = dump_recipe(prepared.recipe)
-    done = _reuse_partial(partial, prepared, recipe_text, resume, overwrite)
-    partial.mkdir(parents=True, exist_ok=True)
-    write_atomically(partial / RECIPE_FILE, recipe_text.encode())
+
+    def prepare_output() -> set[int]:  # on rank 0 only
+        _check_output(out, prepared, overwrite)
+        done = _reuse_partial(partial, prepared, recipe_text, resume, overwrite)
+        partial.mkdir(parents=True, exist_ok=True)
+        write_atomically(partial / RECIPE_FILE, recipe_text.encode())
+        return done
+
+    done = coordinator.agree(prepare_output, on_rank=0)[0]
+    owner = assign_shards(prepared.plan, coordinator.world)
+    skip = done | {i for i, rank in enumerate(owner) if rank != coordinator.rank}
+
+    def stream() -> None:
+        device = resolve_device(coordinator.local_device(prepared.cfg.device))
+        with full_precision_matmuls():
+            _stream(prepared, device, partial, skip, progress and coordinator.rank == 0, overlap)
 
     try:
-        with full_precision_matmuls():
-            _stream(prepared, device, partial, done, progress, overlap)
+        coordinator.agree(stream)
     except Exception as exc:
-        # Bad input, a full disk, a failure: nothing worth resuming, and the
-        # space is freed. Only an interruption (Ctrl-C, a kill) keeps the
-        # finished shards for `resume`.
-        shutil.rmtree(partial, ignore_errors=True)
+        # Bad input, a full disk, a failure (on any rank): nothing worth
+        # resuming, and the space is freed. Only an interruption (Ctrl-C, a
+        # kill) keeps the finished shards for `resume`.
+        if coordinator.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, OSError):
             where = exc.filename or out
             raise MergeError(f"{where}: {exc.strerror or exc}; the partial output {partial} was removed") from None
         raise
 
-    write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
-    # Config and tokenizer files: the base's, or the first model's that has any.
-    sources = ([prepared.base] if prepared.base else []) + prepared.models
-    for aux in next((found for ckpt in sources if (found := ckpt.aux_files())), []):
-        shutil.copyfile(aux, partial / aux.name)
-    _publish(partial, out)
+    def finish() -> None:  # on rank 0 only
+        write_index(partial, prepared.plan.shards, {"ccsmerge_version": __version__})
+        # Config and tokenizer files: the base's, or the first model's that has any.
+        sources = ([prepared.base] if prepared.base else []) + prepared.models
+        for aux in next((found for ckpt in sources if (found := ckpt.aux_files())), []):
+            shutil.copyfile(aux, partial / aux.name)
+        _publish(partial, out)
+
+    coordinator.agree(finish, on_rank=0)
     return out
 
 

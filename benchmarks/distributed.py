@@ -1,0 +1,128 @@
+"""Wall time of a distributed merge against the number of processes.
+
+The same CART merge from disk, run as one process (torch's default threads)
+and under torchrun with 1..N processes of `cores / N` threads each; every
+output is checked byte-identical to the single-process one.
+
+    python benchmarks/distributed.py --out benchmarks/results/cpu-2core [--procs 1,2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
+
+
+def write_models(root: Path, models: int, matrices: int, width: int) -> list[Path]:
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(width, width, generator=g) for i in range(matrices)}
+    paths = []
+    for t in range(models):
+        folder = root / f"model-{t}"
+        folder.mkdir()
+        tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(tuned, folder / "model.safetensors")
+        paths.append(folder)
+    return paths
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--procs", default="1,2")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--matrices", type=int, default=32)
+    parser.add_argument("--width", type=int, default=768)
+    args = parser.parse_args()
+    ccsmerge = load_ccsmerge()
+    info = machine_info(ccsmerge)
+    print(describe(info))
+    cores = info["cpu_affinity"] or 1
+    procs = [int(p) for p in args.procs.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="ccsmerge-dist-"))
+    try:
+        paths = write_models(work, args.models, args.matrices, args.width)
+        model_args = [a for p in paths for a in ("--model", str(p))]
+        common = ["--method", "cart", "--device", "cpu", "--quiet", "--out-shard-size", "10MB", *model_args]
+        runs: dict[str, list[float]] = {}
+        reference = None
+        for _ in range(args.rounds):
+            out = work / "single"
+            shutil.rmtree(out, ignore_errors=True)
+            runs.setdefault("1 process (no torchrun)", []).append(
+                timed([sys.executable, "-m", "ccsmerge", "merge", "--out", str(out), *common], dict(os.environ))
+            )
+            reference = reference or files(out)
+            for n in procs:
+                out = work / f"procs-{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // n)))
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+                command += ["-m", "ccsmerge", "merge", "--distributed", "--out", str(out), *common]
+                runs.setdefault(f"torchrun, {n} process(es) x {max(1, cores // n)} threads", []).append(
+                    timed(command, env)
+                )
+                if files(out) != reference:
+                    raise SystemExit(f"{n} processes wrote other bytes than one")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    single = sorted(runs["1 process (no torchrun)"])[len(runs["1 process (no torchrun)"]) // 2]
+    rows = []
+    for label, times in runs.items():
+        median = sorted(times)[len(times) // 2]
+        rows.append((label, median, min(times), max(times), single / median))
+    result = {
+        "machine": info,
+        "load_average": load_average(),
+        "models": args.models,
+        "matrices": args.matrices,
+        "width": args.width,
+        "rows": [dict(zip(("run", "median_s", "min_s", "max_s", "speedup_vs_single"), r)) for r in rows],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Distributed merges: wall time against processes",
+        "",
+        f"Machine: {describe(info)}; load average {result['load_average']}.",
+        "",
+        f"CART of {args.models} models x {args.matrices} fp32 {args.width} x {args.width} matrices, from disk; "
+        f"{args.rounds} rounds, each output byte-identical to the single-process one. Wall time of the whole "
+        "command (interpreter start, and torchrun's rendezvous, included).",
+        "",
+        "| run | median s | min-max s | speedup vs 1 process |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f}-{r[3]:.2f} | {r[4]:.2f}x |" for r in rows]
+    (args.out / "distributed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
