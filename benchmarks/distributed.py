@@ -43,6 +43,20 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def max_relative_difference(a: Path, b: Path) -> float:
+    """Largest ||x - y|| / ||y|| over the tensors of two merged folders."""
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        out = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(shard))
+        return out
+
+    x, y = tensors(a), tensors(b)
+    return max(float((x[k].double() - v.double()).norm() / v.double().norm().clamp_min(1e-30)) for k, v in y.items())
+
+
 def timed(command: list[str], env: dict) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env)
@@ -70,6 +84,7 @@ def main() -> None:
         model_args = [a for p in paths for a in ("--model", str(p))]
         common = ["--method", "cart", "--device", "cpu", "--quiet", "--out-shard-size", "10MB", *model_args]
         runs: dict[str, list[float]] = {}
+        identical: dict[str, list[bool]] = {}
         reference = None
         for _ in range(args.rounds):
             out = work / "single"
@@ -84,11 +99,12 @@ def main() -> None:
                 env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // n)))
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
                 command += ["-m", "ccsmerge", "merge", "--distributed", "--out", str(out), *common]
-                runs.setdefault(f"torchrun, {n} process(es) x {max(1, cores // n)} threads", []).append(
-                    timed(command, env)
-                )
-                if files(out) != reference:
-                    raise SystemExit(f"{n} processes wrote other bytes than one")
+                label = f"torchrun, {n} process(es) x {max(1, cores // n)} threads"
+                runs.setdefault(label, []).append(timed(command, env))
+                same = files(out) == reference
+                identical.setdefault(label, []).append(same)
+                if not same and max_relative_difference(out, work / "single") > 1e-4:
+                    raise SystemExit(f"{n} processes wrote a different merge")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -96,14 +112,18 @@ def main() -> None:
     rows = []
     for label, times in runs.items():
         median = sorted(times)[len(times) // 2]
-        rows.append((label, median, min(times), max(times), single / median))
+        same = identical.get(label)
+        bytes_note = "reference" if same is None else ("yes" if all(same) else "no (float rounding)")
+        rows.append((label, median, min(times), max(times), single / median, bytes_note))
     result = {
         "machine": info,
         "load_average": load_average(),
         "models": args.models,
         "matrices": args.matrices,
         "width": args.width,
-        "rows": [dict(zip(("run", "median_s", "min_s", "max_s", "speedup_vs_single"), r)) for r in rows],
+        "rows": [
+            dict(zip(("run", "median_s", "min_s", "max_s", "speedup_vs_single", "byte_identical"), r)) for r in rows
+        ],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -113,13 +133,15 @@ def main() -> None:
         f"Machine: {describe(info)}; load average {result['load_average']}.",
         "",
         f"CART of {args.models} models x {args.matrices} fp32 {args.width} x {args.width} matrices, from disk; "
-        f"{args.rounds} rounds, each output byte-identical to the single-process one. Wall time of the whole "
-        "command (interpreter start, and torchrun's rendezvous, included).",
+        f"{args.rounds} rounds. Wall time of the whole command (interpreter start, and torchrun's rendezvous, "
+        "included). Outputs are byte-identical to the single-process one when each process has as many "
+        "threads as it had (the BLAS's summation order depends on its threads); otherwise they agree to "
+        "float rounding (checked: relative difference below 1e-4).",
         "",
-        "| run | median s | min-max s | speedup vs 1 process |",
-        "|---|---|---|---|",
+        "| run | median s | min-max s | speedup vs 1 process | byte-identical |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f}-{r[3]:.2f} | {r[4]:.2f}x |" for r in rows]
+    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f}-{r[3]:.2f} | {r[4]:.2f}x | {r[5]} |" for r in rows]
     (args.out / "distributed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -33,6 +33,9 @@ class Coordinator:
     def local_device(self, device: str) -> str:
         return device
 
+    def barrier(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -76,6 +79,9 @@ class TorchDistributed(Coordinator):
             rank, msg = failed[0]
             raise MergeError(f"rank {rank}: {msg}")
         return [r for r, _ in reports]
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.group)
 
     def local_device(self, device: str) -> str:
         """One GPU per process: cuda means cuda:LOCAL_RANK."""

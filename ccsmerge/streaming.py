@@ -201,6 +201,8 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
         # kill) keeps the finished shards for `resume`.
         if coordinator.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
+        # No rank exits (and has the launcher stop the others) before the removal.
+        coordinator.barrier()
         if isinstance(exc, OSError):
             where = exc.filename or out
             raise MergeError(f"{where}: {exc.strerror or exc}; the partial output {partial} was removed") from None

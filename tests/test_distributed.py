@@ -45,9 +45,12 @@ def files(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def single(inputs, tmp_path_factory) -> Path:
+    """One process with the threads each distributed process gets (one): a
+    CPU BLAS's summation order depends on its thread count."""
     _, paths = inputs
     out = tmp_path_factory.mktemp("single") / "merged"
-    ccsmerge.merge_checkpoints(paths, out, "cart", device="cpu", out_shard_size="20KB")
+    command = [sys.executable, "-m", "ccsmerge", "merge", "--quiet", "--device", "cpu", "--method", "cart"]
+    subprocess.run(command + merge_args(paths, out), check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return out
 
 
@@ -69,7 +72,8 @@ def test_a_failing_rank_fails_the_job_and_leaves_no_output(tmp_path):
     result = torchrun(2, merge_args(paths, out, "--out-shard-size", "2KB"))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("ccsmerge: error:")]
-    assert len(errors) == 2  # every rank reports the failure, naming the tensor and the file
+    # Every rank fails with the error; torchrun may stop the others before they print it.
+    assert 1 <= len(errors) <= 2
     assert all("layers.1.mlp.up_proj.weight" in e and "NaN" in e for e in errors)
     assert all(str(paths[1]) in e for e in errors)
     assert not out.exists() and not partial_folder(out).exists()
