@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import ops
-from .config import MergeConfig
+from .config import SVD_FAMILY, MergeConfig
 from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import _top_triplets, gaussian_test_matrix, sketch_width
@@ -35,6 +35,7 @@ from .methods import (
     tensor_seed,
     warn_nonfinite_average,
 )
+from .svd_family import mean_task_vector
 
 RowSource = Callable[[int, int], "tuple[list[torch.Tensor], torch.Tensor | None]"]
 
@@ -61,7 +62,11 @@ def merge_in_blocks(
     elif cfg.method == "ties":
         yield from _ties(name, shape, dtype, source, cfg, device, blocks)
     else:
-        merge = task_arithmetic if cfg.method == "task_arithmetic" else average
+        # Elementwise: the SVD family's tensors outside the low-rank selection
+        # (the planner keeps their 2-D weights whole) are mean task vectors.
+        merge = {"task_arithmetic": task_arithmetic, **dict.fromkeys(SVD_FAMILY, mean_task_vector)}.get(
+            cfg.method, average
+        )
         for start, stop in blocks:
             xs, base = _load(source, start, stop, device)
             merged = merge(name, xs, base, cfg)

@@ -25,10 +25,13 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a YAML merge recipe (merge_method, models, ...) instead of flags")
     parser.add_argument("--method", choices=METHODS, help="merge method (default: cart)")
     parser.add_argument("--model", action="append", metavar="PATH", help="a model folder or file; repeat per model")
-    parser.add_argument("--base", metavar="PATH", help="the pretrained base model (task_arithmetic and ties need it)")
+    parser.add_argument("--base", metavar="PATH", help="the pretrained base model (all but average and cart need it)")
     parser.add_argument("--rank-ratio", type=float, help="CART: k = max(1, int(R * min(m, n))) (default 0.12)")
     parser.add_argument("--lam", type=float, help="update scale (default: cart 2.0, ties 1.0, task_arithmetic 0.3)")
     parser.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (default 0.2)")
+    parser.add_argument(
+        "--common-space-fraction", type=float, help="Iso-CTS: share of the rank for the common subspace (default 0.8)"
+    )
     parser.add_argument("--svd", choices=("randomized", "exact"), help="CART's truncated SVD (default randomized)")
     parser.add_argument("--oversample", type=int, help="randomized SVD oversampling (default max(10, k))")
     parser.add_argument("--power-iters", type=int, help="randomized SVD power iterations (default 4)")
@@ -91,6 +94,7 @@ def merge_arguments(args: argparse.Namespace) -> dict:
         "rank_ratio": args.rank_ratio,
         "lam": args.lam,
         "density": args.density,
+        "common_space_fraction": args.common_space_fraction,
         "svd": args.svd,
         "oversample": args.oversample,
         "power_iters": args.power_iters,

@@ -7,11 +7,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-METHODS = ("average", "task_arithmetic", "ties", "cart")
-NEEDS_BASE = ("task_arithmetic", "ties")
+METHODS = ("average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts")
+NEEDS_BASE = ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
+# Methods that take every 2-D weight's singular vectors from an SVD of task vectors.
+SVD_FAMILY = ("tsv_m", "iso_c", "iso_cts")
 
 # Method defaults for lam, from the papers' configurations.
-DEFAULT_LAM = {"cart": 2.0, "task_arithmetic": 0.3, "ties": 1.0, "average": 1.0}
+DEFAULT_LAM = {
+    "cart": 2.0,
+    "task_arithmetic": 0.3,
+    "ties": 1.0,
+    "average": 1.0,
+    "tsv_m": 1.0,
+    "iso_c": 1.0,
+    "iso_cts": 1.0,
+}
 
 # Names of tensors kept out of the low-rank step by default: embeddings and
 # output heads, whose rows are per-token/per-class rather than a linear map.
@@ -30,10 +40,13 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["average", "task_arithmetic", "ties", "cart"] = "cart"
+    method: Literal[METHODS] = "cart"  # type: ignore[valid-type]
     rank_ratio: float = Field(0.12, gt=0.0, le=1.0, description="CART: k = max(1, int(rank_ratio * min(m, n)))")
     lam: float | None = Field(None, description="scale of the update; None = the method's default")
     density: float = Field(0.2, gt=0.0, le=1.0, description="TIES: fraction of each task vector kept")
+    common_space_fraction: float = Field(
+        0.8, ge=0.0, le=1.0, description="Iso-CTS: share of the rank given to the common subspace"
+    )
     svd: Literal["randomized", "exact"] = "randomized"
     oversample: int | None = Field(None, ge=0, description="None = max(10, k)")
     power_iters: int | None = Field(None, ge=0, description="None = 4")

@@ -121,6 +121,7 @@ def merge(
     rank_ratio: float = 0.12,
     lam: float | None = None,
     density: float = 0.2,
+    common_space_fraction: float = 0.8,
     svd: str = "randomized",
     oversample: int | None = None,
     power_iters: int | None = None,
@@ -135,8 +136,10 @@ def merge(
     methods: "average"; "task_arithmetic" (needs base): base + lam * sum_t (theta_t - base);
     "ties" (needs base): TIES-Merging with `density`; "cart": theta_avg + lam * sum_t
     LowRank_k(theta_t - theta_avg) on 2-D weights, k = max(1, int(rank_ratio * min(m, n))),
-    theta_avg elsewhere. lam=None takes the method's default (cart 2.0, ties 1.0,
-    task_arithmetic 0.3). svd="exact" uses torch.linalg.svd; "randomized" the engine, with
+    theta_avg elsewhere; the SVD family (need base): "tsv_m" (Task Singular Vectors),
+    "iso_c" and "iso_cts" (isotropic merging; `common_space_fraction`), see
+    ccsmerge.svd_family. lam=None takes the method's default (cart 2.0, ties 1.0,
+    task_arithmetic 0.3, the SVD family 1.0). svd="exact" uses torch.linalg.svd; "randomized" the engine, with
     oversample=None meaning max(10, k) and power_iters=None meaning 4. Returns name -> tensor
     in each input's dtype and device; raises MergeError on bad input before returning anything,
     NaN/Inf inputs included unless allow_nonfinite (then they propagate elementwise, and CART
@@ -147,6 +150,7 @@ def merge(
         rank_ratio=rank_ratio,
         lam=lam,
         density=density,
+        common_space_fraction=common_space_fraction,
         svd=svd,
         oversample=oversample,
         power_iters=power_iters,

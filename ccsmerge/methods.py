@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import ops
+from . import ops, svd_family
 from .config import MergeConfig
 from .errors import MergeError
 from .fallback import compute_dtype
@@ -147,4 +147,7 @@ METHODS: dict[str, TensorMerge] = {
     "task_arithmetic": task_arithmetic,
     "ties": ties,
     "cart": cart,
+    "tsv_m": svd_family.tsv_m,
+    "iso_c": svd_family.iso_c,
+    "iso_cts": svd_family.iso_cts,
 }

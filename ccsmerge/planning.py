@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import Checkpoint
-from .config import MergeConfig
+from .config import SVD_FAMILY, MergeConfig
 from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import sketch_width
 from .methods import cart_uses_lowrank, lowrank_rank
 from .shard_writer import OutputTensor, plan_shards
 from .sizes import format_size
+from .svd_family import svd_family_uses_lowrank
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class TensorPlan:
     shape: tuple[int, ...]
     dtype: torch.dtype  # the inputs'
     out_dtype: torch.dtype
-    policy: str  # "low-rank", "average", "task-arithmetic", "ties" or "copied"
+    policy: str  # "low-rank", "average", "task-arithmetic", "ties", "tsv-m", "iso-c", "iso-cts",
+    # "mean-task-vector" or "copied"
     rank: int | None  # CART's k for low-rank tensors
     memory: int  # estimated peak bytes while this tensor is merged
     block_rows: int | None  # None: merged whole; else rows per block
@@ -81,6 +83,8 @@ def _bytes_per_element(policy: str, T: int, has_base: bool, in_b: int, work: int
         return inputs + result
     if policy == "ties":
         return inputs + 4 * T * work + 2 * work + result
+    if policy in ("tsv-m", "iso-c", "iso-cts"):
+        return inputs + (T + 6) * work + result  # the T task vectors, their sum and full SVD factors
     if policy == "task-arithmetic":
         return inputs + 3 * work + result
     if policy == "low-rank":
@@ -104,6 +108,9 @@ def plan_tensor(
         policy = "copied"
     elif cfg.method == "cart":
         policy = "low-rank" if cart_uses_lowrank(name, shape, dtype, cfg, T) else "average"
+    elif cfg.method in SVD_FAMILY:
+        lowrank = svd_family_uses_lowrank(name, shape, dtype, cfg)
+        policy = cfg.method.replace("_", "-") if lowrank else "mean-task-vector"
     else:
         policy = cfg.method.replace("_", "-")
     work = compute_dtype(dtype).itemsize if floating else dtype.itemsize
@@ -131,6 +138,11 @@ def plan_tensor(
             f"tensor '{name}' {tuple(shape)}: merging it needs at least {format_size(need)} "
             f"({'the low-rank factors and ' if state else ''}one row block), "
             f"more than the memory budget of {format_size(budget)}"
+        )
+    if policy in ("tsv-m", "iso-c", "iso-cts"):
+        raise MergeError(
+            f"tensor '{name}' {tuple(shape)}: {cfg.method} needs the whole matrix in memory "
+            f"({format_size(whole)}), more than the memory budget of {format_size(budget)}"
         )
     if policy == "low-rank" and cfg.svd == "exact":
         raise MergeError(

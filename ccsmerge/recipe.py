@@ -3,7 +3,7 @@ reads, and that every merge writes beside its output (ccsmerge.yml) and into
 its safetensors metadata, so that an output records how it was made and can
 be made again.
 
-    merge_method: cart
+    merge_method: cart          # or average, task_arithmetic, ties, tsv_m, iso_c, iso_cts
     base_model: path/to/base        # optional for cart and average
     models:
       - model: path/to/finetune-a
@@ -40,6 +40,7 @@ class Parameters(BaseModel):
     rank_ratio: float | None = None
     lam: float | None = Field(None, alias="lambda")
     density: float | None = None
+    common_space_fraction: float | None = None
     svd: Literal["randomized", "exact"] | None = None
     oversample: int | None = None
     power_iters: int | None = None

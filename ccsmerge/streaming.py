@@ -28,7 +28,7 @@ import torch
 from ._version import __version__
 from .blockwise import merge_in_blocks
 from .checkpoint import Checkpoint
-from .config import MergeConfig
+from .config import NEEDS_BASE, MergeConfig
 from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError, MergeInterrupted
 from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
@@ -81,7 +81,7 @@ def prepare_merge(
         count = 1 if isinstance(models, (str, Path)) else len(models)
         raise MergeError(f"merging needs at least 2 models, got {count}")
     cfg = make_config(method=method, **options)
-    if cfg.method in ("task_arithmetic", "ties") and base is None:
+    if cfg.method in NEEDS_BASE and base is None:
         raise MergeError(f"method '{cfg.method}' needs a base model (--base)")
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -98,6 +98,7 @@ def prepare_merge(
             rank_ratio=cfg.rank_ratio,
             lam=cfg.scale,
             density=cfg.density,
+            common_space_fraction=cfg.common_space_fraction if cfg.method == "iso_cts" else None,
             svd=cfg.svd,
             oversample=cfg.oversample,
             power_iters=cfg.power_iters,

@@ -149,9 +149,9 @@ def test_unknown_method_lists_the_valid_ones():
     models, _ = models_and_base()
     with pytest.raises(MergeError, match="method") as info:
         ccsmerge.merge(models, "slerp")
-    for name in ("average", "task_arithmetic", "ties", "cart"):
+    for name in ("average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts"):
         assert name in str(info.value)
-    assert set(METHODS) == {"average", "task_arithmetic", "ties", "cart"}
+    assert set(METHODS) == {"average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts"}
 
 
 @pytest.mark.parametrize(
