@@ -7,6 +7,7 @@ from ._version import __version__
 from .config import MergeConfig
 from .errors import MergeError
 from .merge import merge
+from .search import SearchResult, search
 from .streaming import merge_checkpoints, plan_checkpoints
 
 
@@ -28,6 +29,8 @@ __all__ = [
     "merge",
     "merge_checkpoints",
     "plan_checkpoints",
+    "search",
+    "SearchResult",
     "MergeConfig",
     "MergeError",
     "build_info",

@@ -3,6 +3,8 @@
     ccsmerge merge --method cart --model A --model B --model C --out merged/
     ccsmerge merge recipe.yml --out merged/
     ccsmerge plan  --method cart --model A --model B --model C --max-memory 2GB
+    ccsmerge search --method cart --model A --model B --model C --evaluate mymodule:score \
+        --lam 1,1.5,2 --rank-ratio 0.04,0.08,0.16
 """
 
 from __future__ import annotations
@@ -67,7 +69,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan = commands.add_parser("plan", help="show what a merge would do, without merging")
     _inputs(plan)
+    search = commands.add_parser("search", help="score a grid of merge settings with your evaluation function")
+    search.add_argument("--method", choices=METHODS, default="cart")
+    search.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per model")
+    search.add_argument("--base", metavar="PATH")
+    search.add_argument("--evaluate", required=True, metavar="MODULE:FUNCTION", help="evaluate(state_dict) -> float")
+    for flag, meaning in [
+        ("--lam", "update scales"),
+        ("--rank-ratio", "CART ranks"),
+        ("--density", "TIES densities"),
+        ("--common-space-fraction", "Iso-CTS common subspace shares"),
+    ]:
+        search.add_argument(flag, type=_floats, metavar="A,B,...", help=f"{meaning} to try, comma-separated")
+    search.add_argument("--svd", choices=("randomized", "exact"))
+    search.add_argument("--seed", type=int)
+    search.add_argument("--device", default="auto")
+    search.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def run_search(args: argparse.Namespace) -> None:
+    import importlib
+    import json
+
+    from .checkpoint import Checkpoint
+    from .search import search
+
+    module, _, function = args.evaluate.partition(":")
+    try:
+        evaluate = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise MergeError(f"--evaluate {args.evaluate}: cannot load it ({exc})") from None
+
+    def load(path):
+        ckpt = Checkpoint(path)
+        return {name: ckpt.read(name) for name in ckpt.tensors}
+
+    options = {k: v for k, v in (("svd", args.svd), ("seed", args.seed)) if v is not None}
+    grids = dict(lam=args.lam, rank_ratio=args.rank_ratio, density=args.density)
+    grids["common_space_fraction"] = args.common_space_fraction
+    result = search(
+        [load(p) for p in args.model],
+        evaluate,
+        args.method,
+        base=load(args.base) if args.base else None,
+        device=args.device,
+        **{k: v for k, v in grids.items() if v is not None},
+        **options,
+    )
+    keys = [k for k in result.table[0] if k != "score"]
+    print("  ".join(f"{k:>22}" for k in keys + ["score"]))
+    for row in result.table:
+        print("  ".join(f"{row[k]:>22.6g}" for k in keys + ["score"]))
+    print(f"best: {json.dumps(result.best)} score {result.best_score:.6g}")
 
 
 def merge_arguments(args: argparse.Namespace) -> dict:
@@ -139,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .streaming import merge_checkpoints, plan_checkpoints
 
+        if args.command == "search":
+            run_search(args)
+            return 0
         kwargs = merge_arguments(args)
         if args.command == "plan":
             print_plan(plan_checkpoints(**kwargs))
