@@ -9,6 +9,7 @@ from .errors import MergeError
 from .merge import merge
 from .search import SearchResult, search
 from .streaming import merge_checkpoints, plan_checkpoints
+from .task_index import build_index, export_task
 
 
 def build_info() -> dict:
@@ -31,6 +32,8 @@ __all__ = [
     "plan_checkpoints",
     "search",
     "SearchResult",
+    "build_index",
+    "export_task",
     "MergeConfig",
     "MergeError",
     "build_info",

@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan = commands.add_parser("plan", help="show what a merge would do, without merging")
     _inputs(plan)
+    index = commands.add_parser("index", help="CART-indexing: store theta_avg and every task's low-rank update")
+    index.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per task model")
+    index.add_argument("--out", required=True, metavar="DIR")
+    index.add_argument("--rank-ratio", type=float, default=0.12)
+    index.add_argument("--svd", choices=("randomized", "exact"), default="randomized")
+    index.add_argument("--seed", type=int, default=0)
+    index.add_argument("--device", default="auto")
+    index.add_argument("--out-shard-size", default="5GB", metavar="SIZE")
+    index.add_argument("--overwrite", action="store_true")
+    index.add_argument("--debug", action="store_true", help="show tracebacks")
+    export = commands.add_parser("export-task", help="write one task's model from a CART index")
+    export.add_argument("index", metavar="INDEX", help="a folder written by `ccsmerge index`")
+    export.add_argument("--task", type=int, required=True, help="the task's position in the index's --model list")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--device", default="auto")
+    export.add_argument("--out-shard-size", default="5GB", metavar="SIZE")
+    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--debug", action="store_true", help="show tracebacks")
     search = commands.add_parser("search", help="score a grid of merge settings with your evaluation function")
     search.add_argument("--method", choices=METHODS, default="cart")
     search.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per model")
@@ -202,6 +220,32 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "search":
             run_search(args)
+            return 0
+        if args.command == "index":
+            from .task_index import build_index
+
+            build_index(
+                args.model,
+                args.out,
+                rank_ratio=args.rank_ratio,
+                svd=args.svd,
+                seed=args.seed,
+                device=args.device,
+                out_shard_size=args.out_shard_size,
+                overwrite=args.overwrite,
+            )
+            return 0
+        if args.command == "export-task":
+            from .task_index import export_task
+
+            export_task(
+                args.index,
+                args.task,
+                args.out,
+                device=args.device,
+                out_shard_size=args.out_shard_size,
+                overwrite=args.overwrite,
+            )
             return 0
         kwargs = merge_arguments(args)
         if args.command == "plan":

@@ -1,0 +1,176 @@
+"""CART-indexing (Choi et al. 2024): keep θ_avg and every task's rank-k
+centred update, and rebuild the model of any one task on demand.
+
+An index is a Hugging Face folder of sharded safetensors holding, for every
+tensor, θ_avg under its own name, and for every low-rank matrix and task t
+the factors of LowRank_k(θ_t − θ_avg) = L_t R_t under `NAME::task<t>.left`
+(m x k, U_t S_t) and `NAME::task<t>.right` (k x n, V_tᵀ), in float32. It
+takes θ_avg plus T · k · (m + n) numbers per matrix instead of T models.
+Task t's model is θ_avg + L_t R_t (θ_avg elsewhere), written like a merge.
+Both steps go tensor by tensor and write through the streamed shard writer;
+each matrix is processed whole."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import ops
+from ._version import __version__
+from .checkpoint import Checkpoint
+from .errors import MergeError
+from .merge import full_precision_matmuls, make_config, resolve_device
+from .methods import cart_factors, cart_uses_lowrank, check_finite
+from .planning import check_compatible, natural_order
+from .shard_writer import OutputTensor, ShardWriter, plan_shards, shard_filename, write_atomically, write_index
+from .sizes import parse_size
+from .streaming import DEFAULT_SHARD_SIZE, _publish, partial_folder
+
+INDEX_FILE = "ccsmerge-index.json"
+TASK_FILE = "ccsmerge-task.json"  # beside an exported model: the index and the task it came from
+_FACTOR = re.compile(r"^(?P<name>.*)::task(?P<task>\d+)\.(?P<side>left|right)$")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    partial = partial_folder(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _write(partial: Path, outputs: list[OutputTensor], produce, shard_bytes: int, metadata: dict[str, str]) -> None:
+    """Write outputs in order, produce(output) giving each tensor."""
+    shards = plan_shards(outputs, shard_bytes)
+    for i, shard in enumerate(shards):
+        writer = ShardWriter(partial / shard_filename(i, len(shards)), shard, metadata)
+        try:
+            for out in shard:
+                writer.write(out.name, produce(out))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    write_index(partial, shards, {"ccsmerge_version": __version__})
+
+
+def build_index(
+    models: Sequence[str | Path],
+    out: str | Path,
+    *,
+    rank_ratio: float = 0.12,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    **options,
+) -> Path:
+    """Write the CART index of `models` (folders or files) to the folder `out`.
+    options: svd, oversample, power_iters, seed, device, lowrank_include/exclude."""
+    out = Path(out)
+    cfg = make_config(method="cart", rank_ratio=rank_ratio, **options)
+    if len(models) < 2:
+        raise MergeError(f"an index needs at least 2 models, got {len(models)}")
+    ckpts = [Checkpoint(p) for p in models]
+    names = check_compatible(ckpts, None)
+    T = len(ckpts)
+    device = resolve_device(cfg.device)
+    plan: list[OutputTensor] = []
+    for name in names:
+        info = ckpts[0].tensors[name]
+        plan.append(OutputTensor(name, info.shape, info.dtype))
+        if info.dtype.is_floating_point and cart_uses_lowrank(name, info.shape, info.dtype, cfg, T):
+            m, n = info.shape
+            k = max(1, int(cfg.rank_ratio * min(m, n)))
+            for t in range(T):
+                plan.append(OutputTensor(f"{name}::task{t}.left", (m, k), torch.float32))
+                plan.append(OutputTensor(f"{name}::task{t}.right", (k, n), torch.float32))
+    recipe = {
+        "kind": "cart-index",
+        "models": [str(Path(p).resolve()) for p in models],
+        "rank_ratio": cfg.rank_ratio,
+        "svd": cfg.svd,
+        "seed": cfg.seed,
+        "ccsmerge_version": __version__,
+    }
+    metadata = {"format": "pt", "ccsmerge_index": json.dumps(recipe, sort_keys=True)}
+    partial = _prepare_out(out, overwrite)
+    factors: dict[str, torch.Tensor] = {}
+
+    def produce(output: OutputTensor) -> torch.Tensor:
+        if output.name in factors:
+            return factors.pop(output.name)
+        xs = [c.read(output.name).to(device) for c in ckpts]
+        if not output.dtype.is_floating_point:
+            return xs[0].cpu()
+        center = ops.mean(xs)
+        check_finite(output.name, center, xs, allow=cfg.allow_nonfinite)
+        if cart_uses_lowrank(output.name, output.shape, output.dtype, cfg, T):
+            u, s, vh = cart_factors(output.name, xs, center, cfg)
+            for t in range(T):
+                factors[f"{output.name}::task{t}.left"] = (u[t] * s[t]).float().cpu()
+                factors[f"{output.name}::task{t}.right"] = vh[t].float().cpu()
+        return center.to(output.dtype).cpu()
+
+    try:
+        with full_precision_matmuls():
+            _write(partial, plan, produce, parse_size(out_shard_size), metadata)
+        write_atomically(partial / INDEX_FILE, (json.dumps(recipe, indent=2) + "\n").encode())
+        for aux in ckpts[0].aux_files():
+            shutil.copyfile(aux, partial / aux.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _publish(partial, out)
+    return out
+
+
+def export_task(
+    index: str | Path,
+    task: int,
+    out: str | Path,
+    *,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    device: str = "auto",
+) -> Path:
+    """Write task `task`'s model, θ_avg + LowRank_k(θ_task − θ_avg), from a CART index to `out`."""
+    index, out = Path(index), Path(out)
+    if not (index / INDEX_FILE).is_file():
+        raise MergeError(f"{index}: not a ccsmerge index (no {INDEX_FILE})")
+    recipe = json.loads((index / INDEX_FILE).read_text())
+    tasks = len(recipe["models"])
+    if not 0 <= task < tasks:
+        raise MergeError(f"{index}: task {task} out of range; the index holds tasks 0..{tasks - 1}")
+    ckpt = Checkpoint(index)
+    names = sorted((n for n in ckpt.tensors if not _FACTOR.match(n)), key=natural_order)
+    outputs = [OutputTensor(n, ckpt.tensors[n].shape, ckpt.tensors[n].dtype) for n in names]
+    compute = resolve_device(device)
+    exported = {**recipe, "kind": "cart-index-task", "task": task, "task_model": recipe["models"][task]}
+    metadata = {"format": "pt", "ccsmerge_recipe": json.dumps(exported, sort_keys=True)}
+    partial = _prepare_out(out, overwrite)
+
+    def produce(output: OutputTensor) -> torch.Tensor:
+        center = ckpt.read(output.name)
+        left_name = f"{output.name}::task{task}.left"
+        if left_name not in ckpt.tensors:
+            return center
+        left = ckpt.read(left_name).to(compute)
+        right = ckpt.read(f"{output.name}::task{task}.right").to(compute)
+        return ops.lowrank_update(center.to(compute).float(), left, right, 1.0, output.dtype).cpu()
+
+    try:
+        with full_precision_matmuls():
+            _write(partial, outputs, produce, parse_size(out_shard_size), metadata)
+        write_atomically(partial / TASK_FILE, (json.dumps(exported, indent=2) + "\n").encode())
+        for aux in ckpt.aux_files():
+            shutil.copyfile(aux, partial / aux.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _publish(partial, out)
+    return out
