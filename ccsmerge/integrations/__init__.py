@@ -1,0 +1,1 @@
+"""Integrations of ccsmerge into other merging tools."""
