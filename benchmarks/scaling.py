@@ -1,0 +1,189 @@
+"""How time and memory grow: with the number of models T, with CART's rank
+ratio, and with the input size of a streaming merge; each fitted with a
+power law (time ∝ x^slope) and reported with its slope.
+
+    python benchmarks/scaling.py --out benchmarks/results/cpu-2core [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
+
+
+def fit_power_law(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y against log x."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def fit_line(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def median_time(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def task_models(T: int, size: int, seed: int = 0) -> list[dict]:
+    from ccsmerge.synthetic import decaying_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, size, generator=g) / size**0.5
+    return [{"w": base + decaying_matrix(size, size, generator=g)} for _ in range(T)]
+
+
+def streaming_inputs(root: Path, gb: float, models: int = 4) -> list[Path]:
+    """`models` bf16 folders of 2048 x 2048 matrices, `gb` GB in all."""
+    per_model = gb * 1e9 / models
+    count = max(1, round(per_model / (2048 * 2048 * 2)))
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.weight": torch.randn(2048, 2048, generator=g).bfloat16() for i in range(count)}
+    paths = []
+    for t in range(models):
+        folder = root / f"{gb}GB" / f"model-{t}"
+        folder.mkdir(parents=True)
+        save_file({k: (v.float() + 0.01 * (t + 1)).bfloat16() for k, v in base.items()}, folder / "model.safetensors")
+        paths.append(folder)
+    return paths
+
+
+def timed_rss(command: list[str]) -> tuple[float, float]:
+    start = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-2000:])
+    return time.perf_counter() - start, int(result.stderr.strip().splitlines()[-1]) * 1024 / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    ccsmerge = load_ccsmerge()
+    info = machine_info(ccsmerge)
+    print(describe(info))
+    size = 512 if args.quick else 1024
+    rounds = 1 if args.quick else 2
+    counts = [3, 4, 8, 12, 16, 20] if not args.quick else [3, 6, 12]  # T = 2 is the plain average
+    ratios = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32] if not args.quick else [0.02, 0.08, 0.32]
+    sizes_gb = [0.25, 0.5, 1.0, 2.0] if not args.quick else [0.1, 0.2, 0.4]
+
+    by_t = []
+    for T in counts:
+        models = task_models(T, size)
+        by_t.append((T, median_time(lambda: ccsmerge.merge(models, "cart", device="cpu"), rounds)))
+        print("T", by_t[-1])
+    models = task_models(8, size)
+    by_rank = []
+    for ratio in ratios:
+        seconds = median_time(lambda: ccsmerge.merge(models, "cart", rank_ratio=ratio, device="cpu"), rounds)
+        by_rank.append((ratio, seconds))
+        print("rank", by_rank[-1])
+    by_size = []
+    work = Path(tempfile.mkdtemp(prefix="ccsmerge-scaling-"))
+    try:
+        for gb in sizes_gb:
+            paths = streaming_inputs(work, gb)
+            real_gb = sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors")) / 1e9
+            out = work / "out"
+            command = [sys.executable, "-m", "ccsmerge", "merge", "--method", "average", "--quiet", "--device", "cpu"]
+            command += ["--max-memory", "256MB", "--out", str(out)] + [a for p in paths for a in ("--model", str(p))]
+            files = " ".join(str(p / "model.safetensors") for p in paths)
+            subprocess.run(["bash", "-c", f"cat {files} > /dev/null"])  # a warm page cache
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, rss = timed_rss(command)
+            by_size.append((real_gb, seconds, rss))
+            print("size", by_size[-1])
+            shutil.rmtree(work / f"{gb}GB", ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    slopes = {
+        "time_vs_T": fit_power_law([t for t, _ in by_t], [s for _, s in by_t]),
+        "time_vs_rank_ratio": fit_power_law([r for r, _ in by_rank], [s for _, s in by_rank]),
+        "time_vs_input_size": fit_power_law([g for g, _, _ in by_size], [s for _, s, _ in by_size]),
+        "seconds_per_gb": fit_line([g for g, _, _ in by_size], [s for _, s, _ in by_size]),
+        "rss_gb_per_input_gb": fit_line([g for g, _, _ in by_size], [r for _, _, r in by_size]),
+    }
+    result = {"machine": info, "load_average": load_average(), "size": size, "by_T": by_t, "by_rank_ratio": by_rank,
+              "by_input_size": by_size, "slopes": slopes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "scaling-quick" if args.quick else "scaling"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    lines = [
+        "# Scaling: time and memory against T, the rank ratio and the input size",
+        "",
+        f"Machine: {describe(info)}; load average {result['load_average']}.",
+        "",
+        f"CART of one fp32 {size} x {size} weight, defaults (median of {rounds}); slope: time ∝ T^slope.",
+        "",
+        "| T | " + " | ".join(str(t) for t, _ in by_t) + " | slope |",
+        "|---|" + "---|" * (len(by_t) + 1),
+        "| s | " + " | ".join(f"{s:.3f}" for _, s in by_t) + f" | {slopes['time_vs_T']:.2f} |",
+        "",
+        f"CART, T = 8, one {size} x {size} weight, against the rank ratio; time ∝ ratio^slope.",
+        "",
+        "| rank ratio | " + " | ".join(str(r) for r, _ in by_rank) + " | slope |",
+        "|---|" + "---|" * (len(by_rank) + 1),
+        "| s | " + " | ".join(f"{s:.3f}" for _, s in by_rank) + f" | {slopes['time_vs_rank_ratio']:.2f} |",
+        "",
+        "`ccsmerge merge --method average --max-memory 256MB`, 4 bf16 models of 2048 x 2048 matrices, warm page "
+        "cache, a fresh process each (startup included).",
+        "",
+        "| input GB | seconds | peak RSS GB |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {g:.2f} | {s:.2f} | {r:.2f} |" for g, s, r in by_size]
+    lines += [
+        "",
+        f"Slopes: time ∝ size^{slopes['time_vs_input_size']:.2f} ({slopes['seconds_per_gb']:.2f} s per GB); "
+        f"peak RSS grows {slopes['rss_gb_per_input_gb'] * 1000:.0f} MB per GB of input.",
+    ]
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        axes[0].loglog([t for t, _ in by_t], [s for _, s in by_t], "o-")
+        axes[0].set(xlabel="T (models)", ylabel="seconds", title=f"CART, {size}², slope {slopes['time_vs_T']:.2f}")
+        axes[1].loglog([r for r, _ in by_rank], [s for _, s in by_rank], "o-")
+        title = f"CART, T = 8, slope {slopes['time_vs_rank_ratio']:.2f}"
+        axes[1].set(xlabel="rank ratio", ylabel="seconds", title=title)
+        axes[2].plot([g for g, _, _ in by_size], [r for _, _, r in by_size], "o-", label="peak RSS GB")
+        axes[2].plot([g for g, _, _ in by_size], [s for _, s, _ in by_size], "s-", label="seconds")
+        axes[2].set(xlabel="input GB", title="streaming average, --max-memory 256MB")
+        axes[2].legend()
+        fig.tight_layout()
+        fig.savefig(args.out / f"{stem}.png", dpi=110)
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
