@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
+from outputs import max_relative_difference  # noqa: E402
 
 
 def write_models(root: Path, models: int, matrices: int, width: int) -> list[Path]:
@@ -41,20 +42,6 @@ def write_models(root: Path, models: int, matrices: int, width: int) -> list[Pat
 
 def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def max_relative_difference(a: Path, b: Path) -> float:
-    """Largest ||x - y|| / ||y|| over the tensors of two merged folders."""
-    from safetensors.torch import load_file
-
-    def tensors(folder):
-        out = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(shard))
-        return out
-
-    x, y = tensors(a), tensors(b)
-    return max(float((x[k].double() - v.double()).norm() / v.double().norm().clamp_min(1e-30)) for k, v in y.items())
 
 
 def timed(command: list[str], env: dict) -> float:

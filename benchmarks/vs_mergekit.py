@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
+from outputs import max_relative_difference  # noqa: E402
 
 
 def make_models(root: Path, hidden: int, layers: int, models: int) -> tuple[Path, list[Path]]:
@@ -52,25 +53,6 @@ def make_models(root: Path, hidden: int, layers: int, models: int) -> tuple[Path
         tuned.save_pretrained(root / f"ft{t}")
         paths.append(root / f"ft{t}")
     return root / "base", paths
-
-
-def max_relative_difference(a: Path, b: Path) -> float:
-    """Largest ||x - y|| / ||y|| over the floating tensors both outputs hold."""
-    from safetensors.torch import load_file
-
-    def tensors(folder):
-        out = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(shard))
-        return out
-
-    x, y = tensors(a), tensors(b)
-    worst = 0.0
-    for name in x.keys() & y.keys():
-        if x[name].is_floating_point():
-            ref = y[name].double()
-            worst = max(worst, float((x[name].double() - ref).norm() / ref.norm().clamp_min(1e-30)))
-    return worst
 
 
 def timed(command: list[str]) -> tuple[float, float]:

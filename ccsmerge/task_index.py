@@ -60,6 +60,22 @@ def _write(partial: Path, outputs: list[OutputTensor], produce, shard_bytes: int
     write_index(partial, shards, {"ccsmerge_version": __version__})
 
 
+def _write_folder(partial, out, outputs, produce, shard_bytes, metadata, record, aux_source) -> None:
+    """Shards, index, a JSON record and the aux files into partial, then publish it as out;
+    on any failure, remove partial."""
+    try:
+        with full_precision_matmuls():
+            _write(partial, outputs, produce, shard_bytes, metadata)
+        name, content = record
+        write_atomically(partial / name, (json.dumps(content, indent=2) + "\n").encode())
+        for aux in aux_source.aux_files():
+            shutil.copyfile(aux, partial / aux.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _publish(partial, out)
+
+
 def build_index(
     models: Sequence[str | Path],
     out: str | Path,
@@ -116,16 +132,7 @@ def build_index(
                 factors[f"{output.name}::task{t}.right"] = vh[t].float().cpu()
         return center.to(output.dtype).cpu()
 
-    try:
-        with full_precision_matmuls():
-            _write(partial, plan, produce, parse_size(out_shard_size), metadata)
-        write_atomically(partial / INDEX_FILE, (json.dumps(recipe, indent=2) + "\n").encode())
-        for aux in ckpts[0].aux_files():
-            shutil.copyfile(aux, partial / aux.name)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _publish(partial, out)
+    _write_folder(partial, out, plan, produce, parse_size(out_shard_size), metadata, (INDEX_FILE, recipe), ckpts[0])
     return out
 
 
@@ -163,14 +170,5 @@ def export_task(
         right = ckpt.read(f"{output.name}::task{task}.right").to(compute)
         return ops.lowrank_update(center.to(compute).float(), left, right, 1.0, output.dtype).cpu()
 
-    try:
-        with full_precision_matmuls():
-            _write(partial, outputs, produce, parse_size(out_shard_size), metadata)
-        write_atomically(partial / TASK_FILE, (json.dumps(exported, indent=2) + "\n").encode())
-        for aux in ckpt.aux_files():
-            shutil.copyfile(aux, partial / aux.name)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _publish(partial, out)
+    _write_folder(partial, out, outputs, produce, parse_size(out_shard_size), metadata, (TASK_FILE, exported), ckpt)
     return out
