@@ -25,6 +25,7 @@ from .config import SVD_FAMILY, MergeConfig
 from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import _top_triplets, gaussian_test_matrix, sketch_width
+from .merge import to_compute_device
 from .methods import (
     all_finite,
     average,
@@ -76,9 +77,7 @@ def merge_in_blocks(
 
 def _load(source: RowSource, start: int, stop: int, device: torch.device):
     xs, base = source(start, stop)
-    non_blocking = device.type == "cuda"
-    xs = [x.to(device, non_blocking=non_blocking) for x in xs]
-    return xs, (base.to(device, non_blocking=non_blocking) if base is not None else None)
+    return to_compute_device(xs, base, device)
 
 
 def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Tensor]:

@@ -91,6 +91,17 @@ def validate_models(models: Sequence[StateDict], base: StateDict | None, cfg: Me
     return names
 
 
+def to_compute_device(
+    xs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The inputs (and base) on the compute device. Asynchronous copies only
+    towards a GPU, whose stream orders them before the kernels; a CPU consumer
+    would read a device-to-host copy unfinished."""
+    non_blocking = device.type == "cuda"
+    moved = [x.to(device, non_blocking=non_blocking) for x in xs]
+    return moved, (base.to(device, non_blocking=non_blocking) if base is not None else None)
+
+
 def merge_tensor(
     name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig, device: torch.device
 ) -> torch.Tensor:
@@ -103,11 +114,7 @@ def merge_tensor(
                 label = f"model {i}" if i < len(xs) else "base"
                 raise MergeError(f"tensor '{name}': non-floating tensor differs between model 0 and {label}")
         return xs[0].clone()
-    # Asynchronous copies only towards a GPU, whose stream orders them before
-    # the kernels; a CPU consumer would read a device-to-host copy unfinished.
-    non_blocking = device.type == "cuda"
-    on_device = [x.to(device, non_blocking=non_blocking) for x in xs]
-    base_on_device = base.to(device, non_blocking=non_blocking) if base is not None else None
+    on_device, base_on_device = to_compute_device(xs, base, device)
     merged = METHODS[cfg.method](name, on_device, base_on_device, cfg)
     check_finite(name, merged, on_device, base_on_device, allow=cfg.allow_nonfinite)
     return merged.to(home)

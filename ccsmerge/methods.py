@@ -15,7 +15,7 @@ from .config import MergeConfig
 from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import centered_exact_svd, centered_randomized_svd
-from .selection import takes_lowrank
+from .selection import lowrank_selected
 
 TensorMerge = Callable[[str, list[torch.Tensor], "torch.Tensor | None", MergeConfig], torch.Tensor]
 
@@ -96,8 +96,7 @@ def cart_uses_lowrank(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg
 
     With two models the centered matrices are exact negatives, so their rank-k
     parts cancel and CART is exactly the average."""
-    probe = torch.empty(shape, dtype=dtype, device="meta")
-    return models > 2 and takes_lowrank(name, probe, cfg.lowrank_include, cfg.lowrank_exclude)
+    return models > 2 and lowrank_selected(name, shape, dtype, cfg)
 
 
 def cart(name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig) -> torch.Tensor:

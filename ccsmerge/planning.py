@@ -16,9 +16,9 @@ from .errors import MergeError
 from .fallback import compute_dtype
 from .lowrank import sketch_width
 from .methods import cart_uses_lowrank, lowrank_rank
+from .selection import lowrank_selected
 from .shard_writer import OutputTensor, plan_shards
 from .sizes import format_size
-from .svd_family import svd_family_uses_lowrank
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def plan_tensor(
     elif cfg.method == "cart":
         policy = "low-rank" if cart_uses_lowrank(name, shape, dtype, cfg, T) else "average"
     elif cfg.method in SVD_FAMILY:
-        lowrank = svd_family_uses_lowrank(name, shape, dtype, cfg)
+        lowrank = lowrank_selected(name, shape, dtype, cfg)
         policy = cfg.method.replace("_", "-") if lowrank else "mean-task-vector"
     else:
         policy = cfg.method.replace("_", "-")

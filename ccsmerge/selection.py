@@ -16,3 +16,9 @@ def takes_lowrank(name: str, tensor: torch.Tensor, include: tuple[str, ...], exc
     if any(re.search(p, name) for p in include):
         return True
     return not any(re.search(p, name) for p in exclude)
+
+
+def lowrank_selected(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg) -> bool:
+    """takes_lowrank from a tensor's header (shape and dtype) and a MergeConfig's patterns."""
+    probe = torch.empty(shape, dtype=dtype, device="meta")
+    return takes_lowrank(name, probe, cfg.lowrank_include, cfg.lowrank_exclude)

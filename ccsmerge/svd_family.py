@@ -25,12 +25,7 @@ from . import ops
 from .config import MergeConfig
 from .fallback import compute_dtype
 from .lowrank import centered_exact_svd, centered_randomized_svd
-from .selection import takes_lowrank
-
-
-def svd_family_uses_lowrank(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg: MergeConfig) -> bool:
-    probe = torch.empty(shape, dtype=dtype, device="meta")
-    return takes_lowrank(name, probe, cfg.lowrank_include, cfg.lowrank_exclude)
+from .selection import lowrank_selected
 
 
 def mean_task_vector(name: str, xs: list[torch.Tensor], base: torch.Tensor, cfg: MergeConfig) -> torch.Tensor:
@@ -52,7 +47,7 @@ def _task_vectors(xs: list[torch.Tensor], base: torch.Tensor, work: torch.dtype)
 
 
 def tsv_m(name: str, xs: list[torch.Tensor], base: torch.Tensor, cfg: MergeConfig) -> torch.Tensor:
-    if not svd_family_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg):
+    if not lowrank_selected(name, tuple(xs[0].shape), xs[0].dtype, cfg):
         return mean_task_vector(name, xs, base, cfg)
     T = len(xs)
     m, n = xs[0].shape
@@ -80,7 +75,7 @@ def tsv_m(name: str, xs: list[torch.Tensor], base: torch.Tensor, cfg: MergeConfi
 
 
 def iso_c(name: str, xs: list[torch.Tensor], base: torch.Tensor, cfg: MergeConfig) -> torch.Tensor:
-    if not svd_family_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg):
+    if not lowrank_selected(name, tuple(xs[0].shape), xs[0].dtype, cfg):
         return mean_task_vector(name, xs, base, cfg)
     work = compute_dtype(xs[0].dtype)
     total = torch.stack(_task_vectors(xs, base, work)).sum(0)
@@ -99,7 +94,7 @@ def iso_cts_split(r: int, T: int, fraction: float) -> tuple[int, int]:
 
 
 def iso_cts(name: str, xs: list[torch.Tensor], base: torch.Tensor, cfg: MergeConfig) -> torch.Tensor:
-    if not svd_family_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg):
+    if not lowrank_selected(name, tuple(xs[0].shape), xs[0].dtype, cfg):
         return mean_task_vector(name, xs, base, cfg)
     work = compute_dtype(xs[0].dtype)
     deltas = _task_vectors(xs, base, work)
