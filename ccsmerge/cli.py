@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int)
     search.add_argument("--device", default="auto")
     search.add_argument("--debug", action="store_true", help="show tracebacks")
+    demo = commands.add_parser(
+        "demo", help="fine-tune a small network on 8 digit tasks, merge with every method, report accuracy"
+    )
+    from .demo.run import add_arguments as demo_arguments
+
+    demo_arguments(demo)
     return parser
 
 
@@ -220,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "search":
             run_search(args)
+            return 0
+        if args.command == "demo":
+            from .demo.run import run_from_arguments
+
+            run_from_arguments(args)
             return 0
         if args.command == "index":
             from .task_index import build_index
