@@ -3,7 +3,8 @@
 # suite (CUDA cases included), profile the kernels and run the GPU benchmarks.
 # Everything is written under the folder given as $1 (default bench-out/gpu).
 #   bash benchmarks/gpu_run.sh [OUT_DIR] [tests|bench|all]
-# BENCH_PARTS (default abcd) picks the parts of bench_engine.py to run.
+# BENCH_PARTS (default abcd) picks the parts of bench_engine.py to run;
+# GPU_STREAMING_ARGS adds options to benchmarks/gpu_streaming.py (e.g. "--size 8").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench-out/gpu}
@@ -42,4 +43,7 @@ if [[ $what == all || $what == bench ]]; then
   grep -v Warn "$out/profile_cart.txt" | head -24
   echo "== engine benchmarks"
   python3 benchmarks/bench_engine.py --device cuda --preset quick --parts "${BENCH_PARTS:-abcd}" --out "$out" 2>&1 | tee "$out/bench_engine.log" | tail -60
+  echo "== streaming merges on the GPU (overlapped host-to-device copies on/off, GPU budget)"
+  # shellcheck disable=SC2086  # GPU_STREAMING_ARGS holds several options
+  python3 -m benchmarks.gpu_streaming --device cuda --out "$out" ${GPU_STREAMING_ARGS:-} 2>&1 | tee "$out/gpu_streaming.log" | tail -20
 fi

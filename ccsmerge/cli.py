@@ -16,6 +16,7 @@ from collections import Counter
 
 from .config import METHODS
 from .errors import MergeError
+from .planning import DEVICE_RESERVE
 from .recipe import DTYPES, Recipe, load_recipe
 from .sizes import format_size
 
@@ -46,6 +47,11 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors (default: the inputs')")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
+    parser.add_argument(
+        "--max-gpu-memory",
+        metavar="SIZE",
+        help="GPU memory budget of a merge on a GPU, e.g. 20GB (default: 80%% of the GPU's free memory)",
+    )
     parser.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -194,10 +200,12 @@ def merge_arguments(args: argparse.Namespace) -> dict:
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     kwargs.update(device=args.device, max_memory=args.max_memory, out_shard_size=args.out_shard_size)
+    kwargs.update(max_gpu_memory=args.max_gpu_memory)
     return kwargs
 
 
 def print_plan(plan) -> None:
+    on_gpu = plan.gpu_budget is not None
     rows = []
     for t in plan.tensors:
         how = "whole" if t.block_rows is None else f"{t.block_rows}-row blocks, {t.passes} passes"
@@ -205,8 +213,9 @@ def print_plan(plan) -> None:
         if t.out_dtype != t.dtype:
             dtype += "->" + str(t.out_dtype).replace("torch.", "")
         policy = f"low-rank k={t.rank}" if t.policy == "low-rank" else t.policy
-        rows.append((t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, how, format_size(t.memory)))
-    header = ("tensor", "shape", "dtype", "policy", "merged", "memory")
+        row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, how, format_size(t.memory))
+        rows.append(row + ((format_size(t.device_memory or 0),) if on_gpu else ()))
+    header = ("tensor", "shape", "dtype", "policy", "merged", "memory") + (("GPU memory",) if on_gpu else ())
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -216,6 +225,13 @@ def print_plan(plan) -> None:
     print(f"{len(plan.tensors)} tensors: " + ", ".join(f"{n} {p}" for p, n in sorted(policies.items())))
     print(f"{plan.models} models{' and a base' if plan.has_base else ''}; {blocked} tensors merged in row blocks")
     print(f"estimated peak memory {format_size(plan.peak_memory)} (budget {format_size(plan.budget)})")
+    if on_gpu:
+        print(
+            f"on the GPU: estimated peak GPU memory {format_size(plan.peak_gpu_memory)} "
+            f"(GPU budget {format_size(plan.gpu_budget)}, {format_size(DEVICE_RESERVE)} of it kept for "
+            f"the libraries' workspaces); the host memory includes {format_size(plan.staging_bytes)} "
+            "of pinned staging buffers"
+        )
     print(f"reads {format_size(plan.read_bytes)}, writes {format_size(plan.write_bytes)} in {len(plan.shards)} shards")
 
 

@@ -1,6 +1,11 @@
 """What a streaming merge will do, decided from the inputs' headers alone:
 each tensor's policy, rank, output dtype, estimated memory and whether it is
-merged whole or in row blocks, and the output shards."""
+merged whole or in row blocks, and the output shards.
+
+For a merge on a GPU the plan also estimates each tensor's device working set
+(its inputs on the device, the method's workspace, the sketches and factors,
+the result) and chooses row blocks so that it fits the GPU memory budget too.
+Planning needs no GPU: a CUDA merge can be planned on any machine."""
 
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class TensorPlan:
     memory: int  # estimated peak bytes while this tensor is merged
     block_rows: int | None  # None: merged whole; else rows per block
     passes: int  # how many times the inputs are read
+    device_memory: int | None = None  # estimated peak GPU bytes (None: merged on the CPU)
 
     @property
     def numel(self) -> int:
@@ -51,10 +57,20 @@ class MergePlan:
     models: int
     has_base: bool
     read_bytes_per_pass: dict[str, int]
+    device: str = "cpu"  # the compute device's type: "cpu" or "cuda"
+    gpu_budget: int | None = None  # the GPU memory budget (None: merged on the CPU)
+    staging_bytes: int = 0  # pinned host buffers of the host-to-device copies (part of the host budget)
 
     @property
     def peak_memory(self) -> int:
-        return max((t.memory for t in self.tensors), default=0)
+        return max((t.memory for t in self.tensors), default=0) + self.staging_bytes
+
+    @property
+    def peak_gpu_memory(self) -> int | None:
+        """Estimated peak GPU bytes, the workspace reserve included (None on the CPU)."""
+        if self.gpu_budget is None:
+            return None
+        return max((t.device_memory or 0 for t in self.tensors), default=0) + DEVICE_RESERVE
 
     @property
     def read_bytes(self) -> int:
@@ -65,6 +81,31 @@ class MergePlan:
         return sum(t.output.nbytes for t in self.tensors)
 
 
+# Bytes of the GPU budget kept for the libraries' workspaces (cuBLAS, cuSOLVER),
+# which the CUDA caching allocator holds beside the tensors.
+DEVICE_RESERVE = 64 * 2**20
+# Default GPU budget: this share of the device's free memory when the merge starts.
+GPU_BUDGET_FRACTION = 0.8
+# Pinned host buffers for the host-to-device copies: STAGING_CHUNKS buffers of
+# a power of two bytes, at most 1/32 of the host budget each, within these
+# bounds, and only as much as the budget leaves beside the neediest tensor.
+STAGING_CHUNKS = 2
+STAGING_MIN_CHUNK = 4096
+STAGING_MAX_CHUNK = 16 * 2**20
+
+
+def staging_bytes(budget: int, room: int | None = None) -> int:
+    """Pinned host bytes a GPU merge keeps for its host-to-device copies, out
+    of `room` bytes of the host budget (default: all of it); 0 when not even
+    the smallest buffers fit (the copies are then made from pageable memory)."""
+    target = max(budget // 32, STAGING_MIN_CHUNK)
+    chunk = min(1 << (target.bit_length() - 1), STAGING_MAX_CHUNK)
+    room = budget if room is None else room
+    while chunk >= STAGING_MIN_CHUNK and STAGING_CHUNKS * chunk > room:
+        chunk //= 2
+    return STAGING_CHUNKS * chunk if chunk >= STAGING_MIN_CHUNK else 0
+
+
 def _sketch_state_bytes(shape: tuple[int, ...], T: int, k: int, width: int, work: int) -> int:
     """Factors a CART merge keeps whole: Omega, the T bases Q (m x l) and
     D^T Q (n x l) with their orthonormalisation workspace, the T rank-k
@@ -73,6 +114,34 @@ def _sketch_state_bytes(shape: tuple[int, ...], T: int, k: int, width: int, work
     m, n = shape
     float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)  # one task's B^T at a time
     return work * (n * width + 3 * T * (m + n) * width + 2 * T * k * (m + n)) + float64
+
+
+def _device_sketch_state_bytes(shape: tuple[int, ...], T: int, k: int, width: int, work: int) -> int:
+    """The same factors on a GPU, with more room for the orthonormalisation:
+    CholeskyQR2 works on float64 copies of the (T, m, l) panel while the
+    previous basis, the product and the panel of the other side are alive, and
+    the centered products stack their right-hand sides."""
+    m, n = shape
+    float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)
+    return work * (n * width + 7 * T * (m + n) * width + 3 * T * k * (m + n)) + float64
+
+
+def _device_bytes_per_element(policy: str, T: int, has_base: bool, in_b: int, work: int) -> int:
+    """GPU bytes held per element while the tensor is merged there: its inputs,
+    the method's workspace and the result in the inputs' dtype (cast to the
+    output dtype on the host). Non-floating tensors are merged on the host."""
+    if policy == "copied":
+        return 0
+    inputs = (T + has_base) * in_b
+    if policy == "ties":  # task vectors, magnitudes, masks; in row blocks the 64-bit radix digits
+        return inputs + 10 * T * work + 2 * work + in_b
+    if policy in ("tsv-m", "iso-c", "iso-cts"):  # as on the host, plus the solver's copy and workspace
+        return inputs + (T + 10) * work + in_b
+    if policy in ("task-arithmetic", "mean-task-vector"):
+        return inputs + 3 * work + in_b
+    if policy == "low-rank":  # the center, one converted input, the accumulated update
+        return inputs + 3 * work + in_b
+    return inputs + work + in_b  # average
 
 
 def _bytes_per_element(policy: str, T: int, has_base: bool, in_b: int, work: int, out_b: int) -> int:
@@ -101,7 +170,14 @@ def plan_tensor(
     has_base: bool,
     budget: int,
     out_dtype: torch.dtype | None,
+    *,
+    gpu_budget: int | None = None,
 ) -> TensorPlan:
+    """One tensor's plan. budget: the host memory budget; gpu_budget: the GPU
+    memory budget when the merge runs on a GPU (DEVICE_RESERVE of it is kept
+    for the libraries' workspaces), else None. The host estimate is the CPU
+    merge's whatever the device (an upper bound for a GPU merge, which needs
+    no workspace on the host), so the host decides the same on every device."""
     floating = dtype.is_floating_point
     final_dtype = out_dtype if (out_dtype is not None and floating) else dtype
     if not floating:
@@ -115,48 +191,75 @@ def plan_tensor(
         policy = cfg.method.replace("_", "-")
     work = compute_dtype(dtype).itemsize if floating else dtype.itemsize
     per_element = _bytes_per_element(policy, T, has_base, dtype.itemsize, work, final_dtype.itemsize)
+    on_gpu = gpu_budget is not None
+    device_per_element = _device_bytes_per_element(policy, T, has_base, dtype.itemsize, work) if on_gpu else 0
     numel = math.prod(shape)
-    rank = state = None
+    rank = None
+    state = device_state = 0
     passes = 1
     if policy == "low-rank":
         rank = lowrank_rank(shape, cfg.rank_ratio)
         width = sketch_width(rank, cfg.oversample_for(rank), *shape)
         state = _sketch_state_bytes(shape, T, rank, width, work)
-    whole = numel * per_element + (state or 0)
-    if whole <= budget or len(shape) == 0 or numel == 0:
-        return TensorPlan(name, shape, dtype, final_dtype, policy, rank, whole, None, passes)
+        if on_gpu:
+            device_state = _device_sketch_state_bytes(shape, T, rank, width, work)
+    whole = numel * per_element + state
+    device_whole = numel * device_per_element + device_state if on_gpu else None
+    host_room = budget
+    device_room = gpu_budget - DEVICE_RESERVE if on_gpu else None
+    host_fits = whole <= host_room
+    device_fits = not on_gpu or device_whole <= device_room
+    if (host_fits and device_fits) or len(shape) == 0 or numel == 0:
+        return TensorPlan(name, shape, dtype, final_dtype, policy, rank, whole, None, passes, device_whole)
     if policy == "copied":
         raise MergeError(f"tensor '{name}': {format_size(whole)} of non-floating data does not fit the budget")
     # Row blocks: one input block per model plus the workspace, and one output
-    # block waiting for the writer while the next is computed.
+    # block waiting for the writer while the next is computed. On a GPU the
+    # blocks come back to the host as soon as they are computed.
     row = numel // shape[0]
     per_row = row * (per_element + final_dtype.itemsize)
-    available = budget - (state or 0)
+    available = host_room - state
     if available < per_row:
-        need = (state or 0) + per_row
+        need = state + per_row
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: merging it needs at least {format_size(need)} "
             f"({'the low-rank factors and ' if state else ''}one row block), "
             f"more than the memory budget of {format_size(budget)}"
         )
+    device_per_row = row * device_per_element
+    device_available = device_room - device_state if on_gpu else None
+    if on_gpu and device_available < device_per_row:
+        need = DEVICE_RESERVE + device_state + device_per_row
+        raise MergeError(
+            f"tensor '{name}' {tuple(shape)}: merging it on the GPU needs at least {format_size(need)} of GPU "
+            f"memory (the libraries' workspaces, {'the low-rank factors and ' if device_state else ''}"
+            f"one row block), more than the GPU memory budget of {format_size(gpu_budget)}"
+        )
+    if host_fits:  # the GPU budget is the one that forces row blocks
+        what, limit, size = "GPU memory budget", gpu_budget, device_whole + DEVICE_RESERVE
+    else:
+        what, limit, size = "memory budget", budget, whole
     if policy in ("tsv-m", "iso-c", "iso-cts"):
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: {cfg.method} needs the whole matrix in memory "
-            f"({format_size(whole)}), more than the memory budget of {format_size(budget)}"
+            f"({format_size(size)}), more than the {what} of {format_size(limit)}"
         )
     if policy == "low-rank" and cfg.svd == "exact":
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: svd='exact' needs the whole matrix in memory "
-            f"({format_size(whole)}), more than the memory budget of {format_size(budget)}; "
+            f"({format_size(size)}), more than the {what} of {format_size(limit)}; "
             "raise the budget or use svd='randomized'"
         )
     block_rows = min(shape[0], available // per_row)
+    if on_gpu and device_per_row:
+        block_rows = min(block_rows, device_available // device_per_row)
     if policy == "low-rank":
         passes = 3 + 2 * cfg.power_iters_for()
     elif policy == "ties":
         passes = 1 + (0 if max(1, int(cfg.density * numel)) >= numel else 8 * work // 16)
-    memory = (state or 0) + block_rows * per_row
-    return TensorPlan(name, shape, dtype, final_dtype, policy, rank, memory, block_rows, passes)
+    memory = state + block_rows * per_row
+    device_memory = device_state + block_rows * device_per_row if on_gpu else None
+    return TensorPlan(name, shape, dtype, final_dtype, policy, rank, memory, block_rows, passes, device_memory)
 
 
 def natural_order(name: str) -> tuple:
@@ -195,13 +298,29 @@ def make_plan(
     budget: int,
     out_dtype: torch.dtype | None,
     shard_bytes: int,
+    *,
+    gpu_budget: int | None = None,
 ) -> MergePlan:
+    """The plan of a merge on the CPU, or on a GPU when gpu_budget is given
+    (then the pinned staging buffers take what the host budget leaves beside
+    the neediest tensor)."""
     names = check_compatible(models, base)
+    if gpu_budget is not None and gpu_budget <= DEVICE_RESERVE:
+        raise MergeError(
+            f"max_gpu_memory: {format_size(gpu_budget)} is not more than the {format_size(DEVICE_RESERVE)} "
+            "kept for the GPU libraries' workspaces"
+        )
     T = len(models)
     tensors = []
     for name in names:
         info = models[0].tensors[name]
-        tensors.append(plan_tensor(name, info.shape, info.dtype, cfg, T, base is not None, budget, out_dtype))
+        tensors.append(
+            plan_tensor(name, info.shape, info.dtype, cfg, T, base is not None, budget, out_dtype, gpu_budget=gpu_budget)
+        )
+    reserved = 0
+    if gpu_budget is not None:
+        reserved = staging_bytes(budget, budget - max((t.memory for t in tensors), default=0))
     per_pass = {t.name: (T + (base is not None)) * models[0].tensors[t.name].nbytes for t in tensors}
     shards = plan_shards([t.output for t in tensors], shard_bytes)
-    return MergePlan(tensors, shards, budget, T, base is not None, per_pass)
+    device = "cpu" if gpu_budget is None else "cuda"
+    return MergePlan(tensors, shards, budget, T, base is not None, per_pass, device, gpu_budget, reserved)

@@ -7,6 +7,12 @@ streams results into the shards. A byte budget shared by the three bounds
 what is in flight; a tensor whose merge does not fit is merged in row blocks
 (ccsmerge.blockwise) while nothing else is in flight.
 
+On a GPU the reader also copies the next tensor's inputs to the device
+(ccsmerge.staging: pinned buffers, a second CUDA stream) while the current
+one is merged, and a second budget bounds the device memory in flight: each
+tensor holds its planned device working set from its staging until its merge
+is done.
+
 The output is built in a hidden folder beside the target and renamed into
 place when complete; finished shards in that folder let `resume` continue
 an interrupted merge, with identical bytes (the merge is deterministic)."""
@@ -32,20 +38,55 @@ from .config import NEEDS_BASE, MergeConfig
 from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError, MergeInterrupted
 from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
-from .planning import MergePlan, TensorPlan, make_plan
+from .planning import (
+    DEVICE_RESERVE,
+    GPU_BUDGET_FRACTION,
+    MergePlan,
+    TensorPlan,
+    make_plan,
+)
 from .recipe import DTYPES, ModelEntry, Parameters, Recipe, dump_recipe
-from .shard_writer import ShardWriter, shard_filename, shard_header, shard_size, write_atomically, write_index
+from .shard_writer import (
+    ShardWriter,
+    shard_filename,
+    shard_header,
+    shard_size,
+    write_atomically,
+    write_index,
+)
 from .sizes import parse_size
+from .staging import Staged, Staging, make_staging
 
 RECIPE_FILE = "ccsmerge.yml"
 DEFAULT_SHARD_SIZE = "5GB"
-_PAGE = 4096
 _POLL = 0.1  # seconds between checks for a failed thread while waiting
 
 
 def default_budget() -> int:
     """Half of the memory available now: the rest stays for the page cache and other programs."""
     return int(psutil.virtual_memory().available // 2)
+
+
+def default_gpu_budget(device: torch.device) -> int:
+    """A share (GPU_BUDGET_FRACTION) of the device's free memory now."""
+    if not torch.cuda.is_available():
+        raise MergeError(
+            "device: CUDA was requested but no CUDA device is available "
+            "(to plan a GPU merge on this machine, give max_gpu_memory / --max-gpu-memory)"
+        )
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * GPU_BUDGET_FRACTION)
+
+
+def planning_device(device: str) -> torch.device:
+    """The device a merge will run on, without requiring it to be present
+    ("auto": CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise MergeError(f"device: {exc}") from None
 
 
 def partial_folder(out: Path) -> Path:
@@ -72,11 +113,15 @@ def prepare_merge(
     base: str | Path | None = None,
     *,
     max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     dtype: str | None = None,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    local_device=None,
     **options,
 ) -> PreparedMerge:
-    """Open the inputs (headers only), validate everything and plan the merge."""
+    """Open the inputs (headers only), validate everything and plan the merge.
+    local_device maps the device option to this process's device (one GPU
+    per process in a distributed merge)."""
     if isinstance(models, (str, Path)) or len(models) < 2:
         count = 1 if isinstance(models, (str, Path)) else len(models)
         raise MergeError(f"merging needs at least 2 models, got {count}")
@@ -86,10 +131,17 @@ def prepare_merge(
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     budget = default_budget() if max_memory is None else _size("max_memory", max_memory)
+    gpu_budget = None if max_gpu_memory is None else _size("max_gpu_memory", max_gpu_memory)
+    device = planning_device(local_device(cfg.device) if local_device else cfg.device)
+    if device.type != "cuda":
+        gpu_budget = None  # a CPU merge has no GPU budget
+    elif gpu_budget is None:
+        gpu_budget = default_gpu_budget(device)
     shard_bytes = _size("out_shard_size", out_shard_size)
     opened = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base is not None else None
-    plan = make_plan(opened, base_ckpt, cfg, budget, getattr(torch, dtype) if dtype else None, shard_bytes)
+    out_dtype = getattr(torch, dtype) if dtype else None
+    plan = make_plan(opened, base_ckpt, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget)
     recipe = Recipe(
         merge_method=cfg.method,
         base_model=str(Path(base).resolve()) if base is not None else None,
@@ -132,6 +184,7 @@ def merge_checkpoints(
     base: str | Path | None = None,
     *,
     max_memory: str | int | None = None,
+    max_gpu_memory: str | int | None = None,
     dtype: str | None = None,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
@@ -146,14 +199,16 @@ def merge_checkpoints(
     models/base: model folders or .safetensors/.bin/.pt files. options are
     ccsmerge.merge's (rank_ratio, lam, density, svd, oversample, power_iters,
     seed, device, lowrank_include, lowrank_exclude). max_memory: the budget
-    ("2GB"; default half the available RAM); dtype: output dtype of floating
-    tensors (default: each input's); out_shard_size: "5GB". The output
-    appears only when complete; an existing non-empty `out` is refused unless
-    overwrite; resume continues an interrupted merge. overlap=False reads,
-    merges and writes one tensor at a time, in sequence (to measure what the
-    overlap gains). distributed=True splits the shards over the processes of
-    a torch.distributed job (torchrun); every process calls this with the same
-    arguments. Returns `out`."""
+    ("2GB"; default half the available RAM); max_gpu_memory: the GPU memory
+    budget of a merge on a GPU (default 80 % of the device's free memory;
+    unused on the CPU); dtype: output dtype of floating tensors (default:
+    each input's); out_shard_size: "5GB". The output appears only when
+    complete; an existing non-empty `out` is refused unless overwrite; resume
+    continues an interrupted merge. overlap=False reads, merges and writes
+    one tensor at a time, in sequence, and copies inputs to the GPU in the
+    merge itself (to measure what the overlap gains). distributed=True splits
+    the shards over the processes of a torch.distributed job (torchrun);
+    every process calls this with the same arguments. Returns `out`."""
     out = Path(out)
     coordinator = TorchDistributed() if distributed else Coordinator()
     try:
@@ -163,7 +218,10 @@ def merge_checkpoints(
             out,
             method,
             base,
-            dict(max_memory=max_memory, dtype=dtype, out_shard_size=out_shard_size, **options),
+            dict(
+                max_memory=max_memory, max_gpu_memory=max_gpu_memory, dtype=dtype, out_shard_size=out_shard_size,
+                **options,
+            ),
             overwrite=overwrite,
             resume=resume,
             progress=progress,
@@ -174,7 +232,9 @@ def merge_checkpoints(
 
 
 def _merge_checkpoints(coordinator, models, out, method, base, options, *, overwrite, resume, progress, overlap):
-    prepared = coordinator.agree(lambda: prepare_merge(models, method, base, **options))[coordinator.rank]
+    prepared = coordinator.agree(
+        lambda: prepare_merge(models, method, base, local_device=coordinator.local_device, **options)
+    )[coordinator.rank]
     partial = partial_folder(out)
     recipe_text = dump_recipe(prepared.recipe)
 
@@ -230,9 +290,8 @@ def _check_output(out: Path, prepared: PreparedMerge, overwrite: bool) -> None:
             raise MergeError(f"{out}: the output would replace the input {ckpt.path}")
         if where in target.parents:
             raise MergeError(f"{out}: the output would be written inside the input {ckpt.path}")
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise MergeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
 
 
 def _reuse_partial(partial: Path, prepared: PreparedMerge, recipe_text: str, resume: bool, overwrite: bool) -> set[int]:
@@ -294,6 +353,7 @@ class MemoryBudget:
     def __init__(self, total: int):
         self.total = total
         self.used = 0
+        self.peak = 0  # the most bytes held at once
         self._cond = threading.Condition()
         self._cancelled = False
 
@@ -303,6 +363,7 @@ class MemoryBudget:
             while self.used + size > self.total and not self._cancelled:
                 self._cond.wait()
             self.used += size
+            self.peak = max(self.peak, self.used)
         return size
 
     def release(self, size: int) -> None:
@@ -316,13 +377,6 @@ class MemoryBudget:
             self._cond.notify_all()
 
 
-def _fault_in(tensor: torch.Tensor) -> None:
-    """Touch one byte per page, so that reading a memory-mapped tensor from
-    disk happens here, on the reader thread, rather than in the merge."""
-    if tensor.numel() and tensor.is_contiguous():
-        tensor.reshape(-1).view(torch.uint8)[::_PAGE].sum()
-
-
 class _Pipeline:
     def __init__(self, prepared: PreparedMerge, device: torch.device, folder: Path, done: set[int], bar, overlap: bool):
         self.p = prepared
@@ -332,10 +386,15 @@ class _Pipeline:
         plan = prepared.plan
         self.shard_of = {t.name: i for i, shard in enumerate(plan.shards) for t in shard}
         self.todo = [t for t in plan.tensors if self.shard_of[t.name] not in done]
-        self.budget = MemoryBudget(plan.budget)
+        # The pinned staging buffers of a GPU merge hold their part of the host budget throughout.
+        self.budget = MemoryBudget(plan.budget - plan.staging_bytes)
+        # The device bytes in flight (none in a plan for the CPU).
+        self.gpu = MemoryBudget(plan.gpu_budget - DEVICE_RESERVE if plan.gpu_budget is not None else 0)
         # Without overlap every tensor holds the whole budget until written, so
-        # reading, merging and writing take turns.
+        # reading, merging and writing take turns, and inputs reach the GPU in
+        # the merge itself.
         self.overlap = overlap
+        self.staging = make_staging(device, plan.staging_bytes) if overlap else Staging()
         self.loaded: queue.Queue = queue.Queue(maxsize=2)
         self.to_write: queue.Queue = queue.Queue(maxsize=4)
         self.failed = threading.Event()
@@ -366,22 +425,23 @@ class _Pipeline:
             self.errors.append(exc)
         self.failed.set()
         self.budget.cancel()
+        self.gpu.cancel()
 
     def read(self) -> None:
         try:
             for t in self.todo:
                 whole_budget = t.block_rows is not None or not self.overlap
                 held = self.budget.acquire(self.budget.total if whole_budget else t.memory)
-                inputs = None
+                held_gpu = self.gpu.acquire(self.gpu.total if whole_budget else (t.device_memory or 0))
+                staged = None
                 if t.block_rows is None:
                     xs = [m.read(t.name) for m in self.p.models]
                     base = self.p.base.read(t.name) if self.p.base else None
-                    for x in xs + ([base] if base is not None else []):
-                        _fault_in(x)
-                    inputs = (xs, base)
-                self.put(self.loaded, (t, inputs, held))
+                    staged = self.staging.stage(xs, base)
+                    del xs, base
+                self.put(self.loaded, (t, staged, (held, held_gpu)))
             self.put(self.loaded, None)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (any failure stops the other threads, then is raised)
             self.fail(exc)
 
     def write(self) -> None:
@@ -405,24 +465,29 @@ class _Pipeline:
                         writer = None
                 if release:
                     self.budget.release(release)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (any failure stops the other threads, then is raised)
             self.fail(exc)
         finally:
             if writer is not None:
                 writer.abort()
 
-    def merge(self, t: TensorPlan, inputs, held: int) -> None:
+    def merge(self, t: TensorPlan, staged: Staged | None, held: tuple[int, int]) -> None:
         try:
-            self._merge(t, inputs, held)
+            self._merge(t, staged, held)
         except MergeError as exc:
             raise MergeError(_name_inputs(str(exc), t.name, self.p)) from None
 
-    def _merge(self, t: TensorPlan, inputs, held: int) -> None:
+    def _merge(self, t: TensorPlan, staged: Staged | None, held: tuple[int, int]) -> None:
         cfg, models, base = self.p.cfg, self.p.models, self.p.base
+        held, held_gpu = held
         if t.block_rows is None:
-            xs, base_tensor = inputs
-            merged = merge_tensor(t.name, xs, base_tensor, cfg, self.device).to(t.out_dtype)
-            del xs, base_tensor, inputs
+            xs, base_tensor = self.staging.use(staged)
+            # Computed on the device, brought back to the host (which waits
+            # for the merge's kernels), cast to the output dtype there.
+            merged = merge_tensor(t.name, xs, base_tensor, cfg, self.device).to("cpu").to(t.out_dtype)
+            del xs, base_tensor
+            self.staging.done(staged)
+            self.gpu.release(held_gpu)
             keep = min(held, merged.nbytes)
             self.budget.release(held - keep)
             self.put(self.to_write, (t.name, merged, keep))
@@ -434,6 +499,7 @@ class _Pipeline:
 
         for chunk in merge_in_blocks(t.name, t.shape, t.dtype, len(models), rows, cfg, self.device, t.block_rows):
             self.put(self.to_write, (t.name, chunk.to(t.out_dtype), 0))
+        self.gpu.release(held_gpu)  # every block is back on the host
         self.put(self.to_write, (None, None, held))  # the writer releases the budget once it has written all blocks
 
     def where_stopped(self) -> str:
@@ -452,11 +518,11 @@ class _Pipeline:
         process = psutil.Process()
         try:
             for done, item in enumerate(iter(lambda: self.get(self.loaded), None), start=1):
-                t, inputs, held = item
+                t, staged, held = item
                 self.current = t.name
-                self.merge(t, inputs, held)
+                self.merge(t, staged, held)
                 self.merged = done
-                del item, inputs
+                del item, staged
                 if self.bar is not None:
                     self.bar.set_postfix_str(
                         f"tensors {done}/{len(self.todo)} RSS {process.memory_info().rss / 1e9:.2f} GB", refresh=False
@@ -464,11 +530,16 @@ class _Pipeline:
                     self.bar.update(self.p.plan.read_bytes_per_pass[t.name] * t.passes)
             self.put(self.to_write, None)
             writer.join()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (any failure stops the other threads, then is raised)
             self.fail(exc)
         finally:
             reader.join()
             writer.join()
+            try:
+                self.staging.close()
+            except Exception as exc:  # noqa: BLE001 (reported unless another failure came first)
+                if not self.errors:
+                    self.errors.append(exc)
         if self.errors:
             raise self.errors[0]
 
