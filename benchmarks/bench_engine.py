@@ -20,17 +20,33 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 import synthetic
-from machine import check_extension, check_load, describe, load_average, load_ccsmerge, machine_info
+import torch
+from machine import (
+    check_extension,
+    check_load,
+    describe,
+    load_average,
+    load_ccsmerge,
+    machine_info,
+)
 from official_cart import official_cart, rank_for, truncated_reconstruction
-from timing import Timing, fmt_range, fmt_ratio, fmt_seconds, paired_ratio, time_fn, time_interleaved
+from timing import (
+    Timing,
+    fmt_range,
+    fmt_ratio,
+    fmt_seconds,
+    paired_ratio,
+    time_fn,
+    time_interleaved,
+)
 
 ccsmerge = load_ccsmerge()
 
@@ -48,6 +64,7 @@ class Preset:
     a_rank_ratio: float = 0.08
     a_rounds: int = 3
     a_max_seconds: float = 90.0  # per T: no new round starts past this
+    a_exact_max_T: int = 1000  # ccs_exact runs up to this T (official_cart is the reference beyond)
     # b: mean bandwidth
     b_tasks: int = 8
     b_sizes: tuple[tuple[int, int], ...] = ((4096, 4096), (8192, 8192))
@@ -69,28 +86,50 @@ class Preset:
     d_power_iters: tuple[int, ...] = (0, 1, 2, 4)
     d_repeats: int = 5
     d_exact_repeats: int = 2
-    d_max_seconds: float = 20.0  # per measurement: stop repeating past this
+    d_max_seconds: float = 20.0  # per method and matrix: no new round past this times the number of methods
     d_drivers: tuple[str | None, ...] = (None,)
+    d_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    d_kinds: tuple[str, ...] = ("decaying",)
+    # further (m, n, dtype, kind, rank ratios) cases
+    d_extra: tuple[tuple[int, int, str, str, tuple[float, ...]], ...] = (
+        (768, 768, "float32", "gaussian", (0.01, 0.08, 0.32)), (3072, 768, "float32", "gaussian", (0.01, 0.08, 0.32)),
+        (4096, 4096, "float32", "gaussian", (0.01, 0.08, 0.32)))
+    d_float64_reference_max: float = 1e12  # max(m,n) * min(m,n)^2 up to which the optimum comes from float64
+    d_wide_sketch_max_numel: int = 1 << 40  # larger matrices skip sketches wider than min(m, n) / 2
+    d_matrices: str | None = None  # a safetensors file of further 2-D matrices (e.g. real centered task vectors)
 
 
 CUDA_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 
+FULL_SHAPES = ((768, 768), (3072, 768), (4096, 4096), (11008, 4096))
+FULL_RATIOS = (0.01, 0.04, 0.08, 0.16, 0.32)
+SMALL_GAUSSIAN = ((768, 768, "float32", "gaussian", (0.01, 0.08, 0.32)),
+                  (3072, 768, "float32", "gaussian", (0.01, 0.08, 0.32)))
+
 PRESETS = {
     ("cuda", "quick"): Preset(a_max_seconds=60.0, d_drivers=CUDA_DRIVERS),
     ("cuda", "full"): Preset(
-        a_rounds=5, a_max_seconds=600.0, b_sizes=((4096, 4096), (8192, 8192), (16384, 8192)), b_repeats=50, c_layers=8,
-        c_rounds=2, c_compare_layers=8, c_official_budget_s=1200.0, d_repeats=10, d_exact_repeats=3,
-        d_drivers=CUDA_DRIVERS,
+        a_tasks=(2, 8, 20), a_rounds=5, a_max_seconds=600.0, b_sizes=((4096, 4096), (8192, 8192), (16384, 8192)),
+        b_repeats=50, c_layers=8, c_rounds=2, c_compare_layers=8, c_official_budget_s=1200.0,
+        d_shapes=FULL_SHAPES, d_rank_ratios=FULL_RATIOS, d_repeats=10, d_exact_repeats=3, d_drivers=CUDA_DRIVERS,
     ),
     ("cpu", "quick"): Preset(
         a_tasks=(2, 3), a_rounds=2, a_max_seconds=45.0, b_sizes=((4096, 4096),), b_repeats=5, b_copy_mib=512,
         c_tasks=4, c_layers=2, c_d_model=768, c_d_ff=3072, c_compare_layers=2, c_official_budget_s=60.0,
-        d_shapes=((768, 768), (3072, 768)), d_repeats=3, d_exact_repeats=2,
+        d_shapes=((768, 768), (3072, 768)), d_repeats=3, d_exact_repeats=1, d_max_seconds=3.0,
+        d_extra=SMALL_GAUSSIAN + ((4096, 4096, "float32", "decaying", (0.08,)),), d_float64_reference_max=2e9,
     ),
     ("cpu", "full"): Preset(
-        a_tasks=(2, 3, 8), a_rounds=2, a_max_seconds=1200.0, b_sizes=((4096, 4096), (8192, 8192)), b_repeats=10, b_copy_mib=1024,
-        c_tasks=8, c_layers=4, c_d_model=1024, c_d_ff=4096, c_compare_layers=4, c_official_budget_s=900.0,
-        d_repeats=3, d_exact_repeats=1, d_max_seconds=60.0,
+        a_size=(2048, 2048), a_tasks=(2, 8, 20), a_rounds=2, a_max_seconds=150.0, a_exact_max_T=8,
+        b_sizes=((4096, 4096), (8192, 8192)), b_repeats=10, b_copy_mib=1024,
+        c_tasks=8, c_layers=1, c_d_model=1024, c_d_ff=4096, c_compare_layers=1, c_official_budget_s=900.0,
+        d_shapes=FULL_SHAPES[:3], d_rank_ratios=FULL_RATIOS, d_dtypes=("float32",),
+        d_extra=((11008, 4096, "float32", "decaying", (0.01, 0.08, 0.32)),)
+        + tuple((m, n, "bfloat16", "decaying", (0.01, 0.08, 0.32)) for m, n in FULL_SHAPES[:2])
+        + tuple((m, n, "bfloat16", "decaying", (0.08,)) for m, n in FULL_SHAPES[2:])
+        + tuple((m, n, "float32", "gaussian", (0.08,)) for m, n in FULL_SHAPES[:3]),
+        d_repeats=3, d_exact_repeats=1, d_max_seconds=2.0, d_float64_reference_max=2e9,
+        d_wide_sketch_max_numel=4096 * 4096,
     ),
 }
 
@@ -124,16 +163,20 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- a: CART on one matrix
 
 
-def cart_variants(models, rank_ratio: float, device: torch.device) -> dict:
-    """The four implementations of one CART merge, as zero-argument calls."""
+def cart_variants(models, rank_ratio: float, device: torch.device, exact: bool = True) -> dict:
+    """The implementations of one CART merge, as zero-argument calls (ccs_exact
+    only when `exact`)."""
     merge = ccsmerge.merge
-    return {
+    variants = {
         "ccs_rand_default": lambda: merge(models, rank_ratio=rank_ratio, lam=LAM, device=device),
         "ccs_rand_os10_p2": lambda: merge(models, rank_ratio=rank_ratio, lam=LAM, oversample=10, power_iters=2,
                                           device=device),
         "ccs_exact": lambda: merge(models, rank_ratio=rank_ratio, lam=LAM, svd="exact", device=device),
         "official": lambda: official_cart(models, rank_ratio, LAM, device=device),
     }
+    if not exact:
+        del variants["ccs_exact"]
+    return variants
 
 
 def keep_last_output(fns: dict, outputs: dict) -> dict:
@@ -142,6 +185,54 @@ def keep_last_output(fns: dict, outputs: dict) -> dict:
             outputs[name] = fn()
         return call
     return {name: wrap(name, fn) for name, fn in fns.items()}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of each call of wrapped functions, over what was in use when the
+    call started: on a GPU torch.cuda.max_memory_allocated; on the CPU the process
+    RSS, sampled every 2 ms by a thread (glibc returns large buffers to the system
+    when they are freed, so one call's peak does not carry into the next)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, list[int]] = {}
+
+    def wrap(self, fns: dict) -> dict:
+        return {name: (lambda name=name, fn=fn: self.measure(name, fn)) for name, fn in fns.items()}
+
+    def measure(self, name: str, fn):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            result = fn()
+            torch.cuda.synchronize(self.device)
+            self.peaks.setdefault(name, []).append(torch.cuda.max_memory_allocated(self.device) - start)
+            return result
+        start = rss_bytes()
+        peak = [start]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.002):
+                peak[0] = max(peak[0], rss_bytes())
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            result = fn()
+        finally:
+            done.set()
+            thread.join()
+        self.peaks.setdefault(name, []).append(max(peak[0], rss_bytes()) - start)
+        return result
+
+    def as_dict(self) -> dict:
+        return {name: max(v) for name, v in self.peaks.items()}
 
 
 def part_a(cfg: Preset, device: torch.device) -> dict:
@@ -155,32 +246,36 @@ def part_a(cfg: Preset, device: torch.device) -> dict:
         xs = synthetic.task_matrices(m, n, T, seed=T, device=device)
         models = [{"w": x} for x in xs]
         outputs: dict = {}
-        fns = keep_last_output(cart_variants(models, rr, device), outputs)
+        exact = T <= cfg.a_exact_max_T
+        memory = PeakMemory(device)
+        fns = memory.wrap(keep_last_output(cart_variants(models, rr, device, exact), outputs))
         # The exact SVDs are warmed up on a small matrix (LAPACK/cuSOLVER set-up), not at full size.
         warm_small = cart_variants(small, rr, device)
         warmups = {"ccs_exact": warm_small["ccs_exact"], "official": warm_small["official"]}
         log(f"[a] T={T}: timing {', '.join(fns)} x {cfg.a_rounds} rounds, interleaved")
         timings = time_interleaved(fns, device, rounds=cfg.a_rounds, warmups=warmups, wall=True,
                                    max_seconds=cfg.a_max_seconds)
-        row = {
-            "shape": [m, n], "T": T, "k": k, "rank_ratio": rr,
-            "times": {name: t.as_dict() for name, t in timings.items()},
-            "speedup": {
-                "official/ccs_rand_default": paired_ratio(timings["official"], timings["ccs_rand_default"]),
-                "official/ccs_rand_os10_p2": paired_ratio(timings["official"], timings["ccs_rand_os10_p2"]),
+        reference = "ccs_exact" if exact else "official"
+        speedup = {
+            "official/ccs_rand_default": paired_ratio(timings["official"], timings["ccs_rand_default"]),
+            "official/ccs_rand_os10_p2": paired_ratio(timings["official"], timings["ccs_rand_os10_p2"]),
+        }
+        if exact:
+            speedup.update({
                 "ccs_exact/ccs_rand_default": paired_ratio(timings["ccs_exact"], timings["ccs_rand_default"]),
                 "ccs_exact/ccs_rand_os10_p2": paired_ratio(timings["ccs_exact"], timings["ccs_rand_os10_p2"]),
                 "official/ccs_exact": paired_ratio(timings["official"], timings["ccs_exact"]),
-            },
+            })
+        row = {
+            "shape": [m, n], "T": T, "k": k, "rank_ratio": rr, "reference": reference,
+            "times": {name: t.as_dict() for name, t in timings.items()}, "speedup": speedup,
+            "peak_memory_bytes": memory.as_dict(), "input_bytes": sum(x.numel() * x.element_size() for x in xs),
         }
         if T >= 3:  # T = 2 is degenerate for CART: the two centered matrices are negatives of each other
             avg = ccsmerge.ops.mean(xs)
             update = {name: out["w"].float() - avg for name, out in outputs.items()}
-            row["rel_err_vs_exact"] = {
-                "ccs_rand_default": rel_diff(update["ccs_rand_default"], update["ccs_exact"]),
-                "ccs_rand_os10_p2": rel_diff(update["ccs_rand_os10_p2"], update["ccs_exact"]),
-                "official": rel_diff(update["official"], update["ccs_exact"]),
-            }
+            row["rel_err_vs_exact"] = {name: rel_diff(update[name], update[reference])
+                                       for name in update if name != reference}
         rows.append(row)
         log(f"[a] T={T}: " + ", ".join(f"{name} {t}" for name, t in timings.items()))
         del xs, models, outputs, fns
@@ -188,25 +283,53 @@ def part_a(cfg: Preset, device: torch.device) -> dict:
     return {"rows": rows}
 
 
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def a_row_cells(r: dict, names: list[str]) -> list:
+    t, s, e = r["times"], r["speedup"], r.get("rel_err_vs_exact")
+    ref = r.get("reference", "ccs_exact")
+
+    def cell(name):
+        return fmt_range(t[name]["median_s"], t[name]["min_s"], t[name]["max_s"]) if name in t else "-"
+
+    def err(name):
+        if name == ref:
+            return "reference"
+        if e and name in e:
+            return f"{e[name]:.2e}"
+        return "n/a (T=2)" if r["T"] == 2 else "-"
+
+    def ratio(key):
+        return fmt_ratio(s[key]) if key in s else "-"
+
+    return [f"{r['shape'][0]}x{r['shape'][1]}", r["T"], r["k"], *(cell(name) for name in names),
+            ratio("official/ccs_rand_default"), ratio("official/ccs_rand_os10_p2"), ratio("official/ccs_exact"),
+            *(err(name) for name in names)]
+
+
 def markdown_a(res: dict) -> str:
-    rows = []
-    for r in res["rows"]:
-        t, s, e = r["times"], r["speedup"], r.get("rel_err_vs_exact")
-        cell = lambda name: fmt_range(t[name]["median_s"], t[name]["min_s"], t[name]["max_s"])
-        err = lambda name: f"{e[name]:.2e}" if e else "n/a (T=2)"
-        rows.append([
-            f"{r['shape'][0]}x{r['shape'][1]}", r["T"], r["k"], cell("ccs_rand_default"), cell("ccs_rand_os10_p2"),
-            cell("ccs_exact"), cell("official"), fmt_ratio(s["official/ccs_rand_default"]),
-            fmt_ratio(s["official/ccs_rand_os10_p2"]), fmt_ratio(s["ccs_exact/ccs_rand_default"]),
-            err("ccs_rand_default"), err("ccs_rand_os10_p2"), err("official"),
-        ])
-    return table(
+    names = ["ccs_rand_default", "ccs_rand_os10_p2", "ccs_exact", "official"]
+    rows = [a_row_cells(r, names) for r in res["rows"]]
+    memory_rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["T"], fmt_bytes(r["input_bytes"]),
+                    *(fmt_bytes(r["peak_memory_bytes"][name]) if name in r["peak_memory_bytes"] else "-"
+                      for name in names)]
+                   for r in res["rows"] if "peak_memory_bytes" in r]
+    text = table(
         ["shape", "T", "k", "ccs rand (default)", "ccs rand (os10,p2)", "ccs exact", "official",
-         "official/rand", "official/rand(os10,p2)", "exact/rand", "err rand", "err rand(os10,p2)",
-         "err official"],
+         "official/rand", "official/rand(os10,p2)", "official/ccs exact", "err rand", "err rand(os10,p2)",
+         "err ccs exact", "err official"],
         rows,
     ) + ("\n\nTimes: median [min-max] over interleaved rounds; ratios: median [min-max] of the per-round ratios. "
-         "err: ||D - D_exact||_F / ||D_exact||_F with D = merged - theta_avg (T >= 3 only).")
+         "err: ||D - D_ref||_F / ||D_ref||_F with D = merged - theta_avg (T >= 3 only); the reference is ccsmerge's "
+         "exact merge, or official_cart where the exact merge is not run (large T on a CPU).")
+    if memory_rows:
+        text += "\n\n" + table(["shape", "T", "inputs", *(f"peak {name}" for name in names)], memory_rows) + (
+            "\n\nPeak memory of one merge over what was in use when it started (the inputs already in memory): "
+            "the largest over rounds; process RSS sampled every 2 ms on a CPU, "
+            "torch.cuda.max_memory_allocated on a GPU.")
+    return text
 
 
 # --------------------------------------------------------------------------- b: mean bandwidth
@@ -340,16 +463,18 @@ def part_c(cfg: Preset, device: torch.device) -> dict:
         return res
     log(f"[c] ccsmerge vs official_cart on {layers} layer(s) (official estimated {estimate:.0f} s)")
     outputs: dict = {}
-    fns = keep_last_output({
+    memory = PeakMemory(device)
+    fns = memory.wrap(keep_last_output({
         "ccsmerge": lambda: ccsmerge.merge(sub, rank_ratio=rr, lam=LAM, device=device),
         "official": lambda: official_cart(sub, rr, LAM, device=device),
-    }, outputs)
+    }, outputs))
     timings = time_interleaved(fns, device, rounds=1, warmups={k: (lambda: None) for k in fns}, wall=True)
     worst, worst_name = max_update_diff(outputs["ccsmerge"], outputs["official"], sub, device)
     compare.update({
         "ccsmerge": timings["ccsmerge"].as_dict(), "official": timings["official"].as_dict(),
         "speedup": timings["official"].median / timings["ccsmerge"].median,
         "max_rel_update_diff": worst, "max_rel_update_diff_tensor": worst_name,
+        "peak_memory_bytes": memory.as_dict(),
     })
     log(f"[c] ccsmerge {timings['ccsmerge']}, official {timings['official']}, max rel diff {worst:.2e}")
     return res
@@ -358,9 +483,9 @@ def part_c(cfg: Preset, device: torch.device) -> dict:
 def markdown_c(res: dict) -> str:
     t = res["ccsmerge_full"]
     lines = [
-        f"{res['tasks']} models x {res['layers']} layers (d={res['d_model']}, ff={res['d_ff']}, bf16, "
+        (f"{res['tasks']} models x {res['layers']} layers (d={res['d_model']}, ff={res['d_ff']}, bf16, "
         f"{res['params_per_model'] / 1e6:.0f}M params each, {res['input_bytes'] / 2**30:.2f} GiB of inputs), "
-        f"rank_ratio {res['rank_ratio']}, CPU state dicts in and out.",
+        f"rank_ratio {res['rank_ratio']}, CPU state dicts in and out."),
         "",
         table(["what", "wall time", "input GB/s"], [[
             "ccsmerge.merge, whole model", fmt_range(t["median_s"], t["min_s"], t["max_s"]),
@@ -374,7 +499,12 @@ def markdown_c(res: dict) -> str:
         lines.append(table(
             [f"first {c['layers']} layer(s)", "ccsmerge", "official_cart", "speedup", "max rel update diff"],
             [["wall time", fmt_seconds(c["ccsmerge"]["median_s"]), fmt_seconds(c["official"]["median_s"]),
-              f"{c['speedup']:.1f}x", f"{c['max_rel_update_diff']:.2e} ({c['max_rel_update_diff_tensor']})"]],
+              f"{c['speedup']:.1f}x", f"{c['max_rel_update_diff']:.2e} ({c['max_rel_update_diff_tensor']})"]]
+            + ([["peak memory over the inputs", fmt_bytes(c["peak_memory_bytes"]["ccsmerge"]),
+                 fmt_bytes(c["peak_memory_bytes"]["official"]),
+                 f"official/ccsmerge {c['peak_memory_bytes']['official'] / max(1, c['peak_memory_bytes']['ccsmerge']):.1f}x",
+                 ""]]
+               if "peak_memory_bytes" in c else []),
         ))
     return "\n".join(lines)
 
@@ -382,12 +512,40 @@ def markdown_c(res: dict) -> str:
 # --------------------------------------------------------------------------- d: low-rank step
 
 
+def d_cases(cfg: Preset) -> list[tuple[int, int, str, str, tuple[float, ...]]]:
+    """(m, n, dtype, kind, rank ratios) of every matrix part d factorizes."""
+    cases = [(m, n, dtype, kind, cfg.d_rank_ratios)
+             for kind in cfg.d_kinds for dtype in cfg.d_dtypes for m, n in cfg.d_shapes]
+    return cases + [(m, n, dtype, kind, tuple(ratios)) for m, n, dtype, kind, ratios in cfg.d_extra]
+
+
+def test_matrix(m: int, n: int, dtype: str, kind: str, device: torch.device) -> torch.Tensor:
+    """decaying: a power-law spectrum plus a noise tail (synthetic.decaying_matrix);
+    gaussian: i.i.d. N(0, 1/n), a flat spectrum. Generated in float32, then cast."""
+    if kind == "gaussian":
+        a = torch.randn(m, n, generator=synthetic.generator(m * 7 + n, device), device=device) / n**0.5
+    else:
+        a = synthetic.decaying_matrix(m, n, seed=m + n, device=device)
+    return a.to(getattr(torch, dtype))
+
+
 def residual_norm(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> float:
-    return float((a - (u[:, :k] * s[:k]) @ vh[:k]).double().norm())
+    return float((a.float() - (u[:, :k].float() * s[:k].float()) @ vh[:k].float()).double().norm())
+
+
+def sketch_width(method: str, k: int) -> int | None:
+    """Columns of the random sketch of a randomized method (None for the exact SVD)."""
+    if "max(10,k)" in method:
+        return k + max(10, k)
+    if method.startswith(("ccs rsvd", "torch.svd_lowrank")):
+        return k + 10
+    return None
 
 
 def lowrank_methods(a: torch.Tensor, k: int, cfg: Preset) -> dict:
-    """Rank-k factorizations to time: name -> call returning (U, S, Vh)."""
+    """Rank-k factorizations to time: name -> call returning (U, S, Vh). ccsmerge takes
+    the matrix as it is (bf16 included); torch.svd_lowrank gets a float32 copy when
+    the input is bf16 or fp16 (it has no kernels for them), the cast inside the call."""
     m, n = a.shape
     methods = {}
     for p in cfg.d_power_iters:
@@ -398,14 +556,20 @@ def lowrank_methods(a: torch.Tensor, k: int, cfg: Preset) -> dict:
     q = min(k + 10, m, n)
 
     def svd_lowrank():
-        u, s, v = torch.svd_lowrank(a, q=q, niter=2)
+        u, s, v = torch.svd_lowrank(upcast(a), q=q, niter=2)
         return u, s, v.mT
     methods["torch.svd_lowrank q=k+10 niter2"] = svd_lowrank
     return methods
 
 
+def upcast(a: torch.Tensor) -> torch.Tensor:
+    """The matrix in float32 for torch's SVDs, which lack bf16/fp16 kernels on the CPU."""
+    return a if a.dtype in (torch.float32, torch.float64) else a.float()
+
+
 def exact_svds(a: torch.Tensor, cfg: Preset, device: torch.device) -> dict:
-    """torch.linalg.svd with each driver: timing and factors (computed once per matrix)."""
+    """torch.linalg.svd with each driver: timing and factors (computed once per matrix).
+    A bf16 matrix is cast to float32 inside the timed call."""
     out = {}
     warm = synthetic.decaying_matrix(128, 128, seed=5, device=device)
     for driver in cfg.d_drivers:
@@ -414,32 +578,46 @@ def exact_svds(a: torch.Tensor, cfg: Preset, device: torch.device) -> dict:
         try:
             torch.linalg.svd(warm, full_matrices=False, driver=driver)
 
-            def call(driver=driver):
-                result["usv"] = torch.linalg.svd(a, full_matrices=False, driver=driver)
+            def call(driver=driver, result=result):
+                result["usv"] = torch.linalg.svd(upcast(a), full_matrices=False, driver=driver)
             t = time_fn(call, device, warmup=0, repeats=cfg.d_exact_repeats, max_seconds=cfg.d_max_seconds)
             out[name] = {"time": t, "usv": result["usv"]}
         except (RuntimeError, NotImplementedError) as exc:
             out[name] = {"error": str(exc).splitlines()[0][:200]}
-        log(f"[d] {tuple(a.shape)} {name}: {out[name].get('time', out[name].get('error'))}")
+        log(f"[d] {tuple(a.shape)} {str(a.dtype)[6:]} {name}: {out[name].get('time', out[name].get('error'))}")
     return out
 
 
-def lowrank_rows(a: torch.Tensor, cfg: Preset, device: torch.device) -> list[dict]:
+def optimal_spectrum(a: torch.Tensor, exact: dict, cfg: Preset) -> tuple[torch.Tensor, str]:
+    """Singular values for the optimal rank-k error: from float64 while that is cheap
+    (a float32 SVD's tail is off by ~1e-4 relative on a GPU, enough to put ratios below
+    1), else from the float32 exact SVD already computed (LAPACK's is accurate to
+    float32 rounding)."""
+    m, n = a.shape
+    if max(m, n) * min(m, n) ** 2 <= cfg.d_float64_reference_max or "usv" not in exact.get("torch.linalg.svd", {}):
+        return torch.linalg.svdvals(a.double()), "float64"
+    return exact["torch.linalg.svd"]["usv"][1].double(), "float32"
+
+
+def lowrank_rows(a: torch.Tensor, kind: str, ratios: tuple[float, ...], cfg: Preset,
+                 device: torch.device) -> list[dict]:
     """Every method at every rank ratio on one matrix; the exact SVDs run once."""
     m, n = a.shape
+    dtype = str(a.dtype).removeprefix("torch.")
     exact = exact_svds(a, cfg, device)
-    # The optimal rank-k error comes from float64 singular values, computed once per matrix: a
-    # float32 SVD's tail is off by ~1e-4 relative on a GPU, enough to put ratios below 1.
-    reference = torch.linalg.svdvals(a.double())
+    reference, reference_from = optimal_spectrum(a, exact, cfg)
     base = exact["torch.linalg.svd"]["time"].median
     rows = []
-    for ratio in cfg.d_rank_ratios:
+    for ratio in ratios:
         k = max(1, int(ratio * min(m, n)))
         optimal = float(reference[k:].square().sum().sqrt())
 
-        def add(name, t: Timing | None, usv=None, error=None):
-            row = {"shape": [m, n], "rank_ratio": ratio, "k": k, "method": name}
-            if t is None:
+        def add(name, t: Timing | None, usv=None, error=None, skipped=None, ratio=ratio, k=k, optimal=optimal):
+            row = {"shape": [m, n], "dtype": dtype, "kind": kind, "rank_ratio": ratio, "k": k, "method": name,
+                   "optimum_from": reference_from}
+            if skipped:
+                row["skipped"] = skipped
+            elif t is None:
                 row["error"] = error
             else:
                 row.update(time=t.as_dict(), speedup_vs_linalg_svd=base / t.median,
@@ -448,39 +626,82 @@ def lowrank_rows(a: torch.Tensor, cfg: Preset, device: torch.device) -> list[dic
 
         for name, e in exact.items():
             add(name, e.get("time"), e.get("usv"), e.get("error"))
+        # The randomized methods run in interleaved rounds (each round calls every method once),
+        # so that load drifting during the measurement hits them alike.
+        results: dict = {}
+        fns = {}
         for name, fn in lowrank_methods(a, k, cfg).items():
-            result = {}
-            t = time_fn(lambda: result.__setitem__("usv", fn()), device, warmup=1, repeats=cfg.d_repeats,
-                        max_seconds=cfg.d_max_seconds)
-            add(name, t, result["usv"])
-        log(f"[d] {m}x{n} k={k}: " + ", ".join(
+            width = sketch_width(name, k)
+            if m * n > cfg.d_wide_sketch_max_numel and width is not None and width > min(m, n) // 2:
+                add(name, None, skipped=f"sketch width {width} > min(m,n)/2: slower than the full SVD here")
+                continue
+            fns[name] = lambda name=name, fn=fn, results=results: results.__setitem__(name, fn())
+        timings = time_interleaved(fns, device, rounds=cfg.d_repeats, warmups=dict.fromkeys(fns, lambda: None),
+                                   max_seconds=cfg.d_max_seconds * len(fns))
+        for name, t in timings.items():
+            add(name, t, results[name])
+        log(f"[d] {m}x{n} {dtype} {kind} k={k}: " + ", ".join(
             f"{r['method']} {fmt_seconds(r['time']['median_s'])} err {r['err_ratio']:.4f}"
             for r in rows if r["k"] == k and "time" in r and "ccs" in r["method"]))
     return rows
 
 
+def warm_up_lowrank(cfg: Preset, device: torch.device) -> None:
+    """Run every method once on a small matrix of each dtype (library set-up, not timed)."""
+    for dtype in {c[2] for c in d_cases(cfg)}:
+        small = test_matrix(256, 256, dtype, "decaying", device)
+        for fn in lowrank_methods(small, 16, cfg).values():
+            fn()
+        torch.linalg.svd(upcast(small), full_matrices=False)
+
+
 def part_d(cfg: Preset, device: torch.device) -> dict:
+    warm_up_lowrank(cfg, device)
     rows = []
-    for m, n in cfg.d_shapes:
-        rows += lowrank_rows(synthetic.decaying_matrix(m, n, seed=m + n, device=device), cfg, device)
+    for m, n, dtype, kind, ratios in d_cases(cfg):
+        rows += lowrank_rows(test_matrix(m, n, dtype, kind, device), kind, ratios, cfg, device)
         free_memory(device)
+    if cfg.d_matrices:
+        from safetensors.torch import load_file
+
+        for name, a in load_file(cfg.d_matrices).items():
+            if a.dim() == 2 and a.is_floating_point() and min(a.shape) >= 16:
+                rows += lowrank_rows(a.to(device), f"file {Path(cfg.d_matrices).name}:{name}", cfg.d_rank_ratios,
+                                     cfg, device)
+                free_memory(device)
     return {"rows": rows}
 
 
+def d_row_cells(r: dict) -> list:
+    head = [f"{r['shape'][0]}x{r['shape'][1]}", f"{r['rank_ratio']:.0%}", r["k"], r["method"]]
+    if "skipped" in r:
+        return head + ["skipped", "", r["skipped"]]
+    if "error" in r:
+        return head + ["unsupported", "", r["error"][:60]]
+    t = r["time"]
+    return head + [fmt_range(t["median_s"], t["min_s"], t["max_s"]), f"{r['speedup_vs_linalg_svd']:.1f}x",
+                   f"{r['err_ratio']:.4f}"]
+
+
 def markdown_d(res: dict) -> str:
-    rows = []
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in res["rows"]:
-        if "error" in r:
-            rows.append([f"{r['shape'][0]}x{r['shape'][1]}", f"{r['rank_ratio']:.0%}", r["k"], r["method"],
-                         "unsupported", "", r["error"][:60]])
-            continue
-        t = r["time"]
-        rows.append([f"{r['shape'][0]}x{r['shape'][1]}", f"{r['rank_ratio']:.0%}", r["k"], r["method"],
-                     fmt_range(t["median_s"], t["min_s"], t["max_s"]), f"{r['speedup_vs_linalg_svd']:.1f}x",
-                     f"{r['err_ratio']:.4f}"])
-    return (table(["shape", "rank", "k", "method", "time", "vs linalg.svd", "err ratio"], rows)
-            + "\n\nerr ratio = ||A - U_k S_k Vh_k||_F / ||A - A_k^opt||_F (1 = optimal), A with a power-law "
-              "spectrum plus a noise tail. torch.linalg.svd computes the full SVD (its time does not depend on k).")
+        groups.setdefault((r.get("kind", "decaying"), r.get("dtype", "float32")), []).append(r)
+    kinds = {"decaying": "power-law spectrum plus a noise tail", "gaussian": "Gaussian, flat spectrum"}
+    out = []
+    for (kind, dtype), rows in groups.items():
+        what = f"{kind} matrices ({kinds[kind]})" if kind in kinds else kind
+        out += [f"**{what}, {dtype} inputs**", "",
+                table(["shape", "rank", "k", "method", "time", "vs linalg.svd", "err ratio"],
+                      [d_row_cells(r) for r in rows]), ""]
+    return ("\n".join(out)
+            + "\nerr ratio = ||A - U_k S_k Vh_k||_F / ||A - A_k^opt||_F (1 = optimal; the optimum from float64 "
+              "singular values where that is cheap, else from the float32 torch.linalg.svd, as `optimum_from` in "
+              "the JSON records). torch.linalg.svd computes the full SVD (its time does not depend on k). "
+              "bf16 inputs: ccsmerge.ops.randomized_svd takes the bf16 matrix as it is; torch.linalg.svd and "
+              "torch.svd_lowrank have no bf16 kernels on the CPU and get a float32 copy, the cast counted in their "
+              "time; the error is measured against the bf16 matrix's own values. On the CPU, torch.linalg.svd has "
+              "one driver (LAPACK gesdd); the `driver` argument is CUDA-only.")
 
 
 # --------------------------------------------------------------------------- summary and output
@@ -498,11 +719,12 @@ def summary(results: dict) -> str:
         for r in parts["a"]["rows"]:
             t, s = r["times"], r["speedup"]
             e = r.get("rel_err_vs_exact")
+            exact = f" / exact {fmt_seconds(t['ccs_exact']['median_s'])}" if "ccs_exact" in t else ""
             lines.append([
                 f"a CART {r['shape'][0]}x{r['shape'][1]} T={r['T']} k={r['k']}",
-                f"rand {fmt_seconds(t['ccs_rand_default']['median_s'])} / os10p2 "
-                f"{fmt_seconds(t['ccs_rand_os10_p2']['median_s'])} / exact {fmt_seconds(t['ccs_exact']['median_s'])}"
-                f" / official {fmt_seconds(t['official']['median_s'])}",
+                (f"rand {fmt_seconds(t['ccs_rand_default']['median_s'])} / os10p2 "
+                f"{fmt_seconds(t['ccs_rand_os10_p2']['median_s'])}{exact}"
+                f" / official {fmt_seconds(t['official']['median_s'])}"),
                 f"official/rand {fmt_ratio(s['official/ccs_rand_default'])}, "
                 f"official/os10p2 {fmt_ratio(s['official/ccs_rand_os10_p2'])}"
                 + (f"; err {e['ccs_rand_default']:.1e} / {e['ccs_rand_os10_p2']:.1e}" if e else ""),
@@ -523,16 +745,19 @@ def summary(results: dict) -> str:
             lines.append([f"c vs official ({cmp_['layers']} layers)", "skipped", cmp_["skipped"]])
         else:
             lines.append([f"c vs official ({cmp_['layers']} layers)",
-                          f"ccsmerge {fmt_seconds(cmp_['ccsmerge']['median_s'])} / official "
-                          f"{fmt_seconds(cmp_['official']['median_s'])}",
+                          (f"ccsmerge {fmt_seconds(cmp_['ccsmerge']['median_s'])} / official "
+                          f"{fmt_seconds(cmp_['official']['median_s'])}"),
                           f"{cmp_['speedup']:.1f}x, max rel update diff {cmp_['max_rel_update_diff']:.1e}"])
     if "d" in parts:
         ratios = sorted({r["rank_ratio"] for r in parts["d"]["rows"]})
         headline = 0.08 if 0.08 in ratios else ratios[len(ratios) // 2]
         for r in parts["d"]["rows"]:
-            if "error" in r or r["rank_ratio"] != headline or r["method"] not in SUMMARY_D_METHODS:
+            if "time" not in r or r["rank_ratio"] != headline or r["method"] not in SUMMARY_D_METHODS:
                 continue
-            lines.append([f"d {r['shape'][0]}x{r['shape'][1]} k={r['k']} ({r['rank_ratio']:.0%})",
+            if r.get("kind", "decaying") != "decaying":
+                continue
+            lines.append([(f"d {r['shape'][0]}x{r['shape'][1]} {r.get('dtype', 'float32')} k={r['k']} "
+                          f"({r['rank_ratio']:.0%})"),
                           f"{r['method']}: {fmt_seconds(r['time']['median_s'])}",
                           f"{r['speedup_vs_linalg_svd']:.1f}x vs linalg.svd, err ratio {r['err_ratio']:.4f}"])
     return table(["benchmark", "time (median)", "result"], lines)
@@ -547,8 +772,8 @@ def write_results(results: dict, out: Path, stem: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     md = [f"# ccsmerge engine benchmarks: {results['device']}, preset {results['preset']}", "",
           f"Machine: {describe(results['machine'])}", "",
-          f"Wall time: {results.get('wall_s', float('nan')):.0f} s. Load average (1/5/15 min) at the start "
-          f"and after each part: {results['load_avg']}.", "", *(f"**{w}**\n" for w in results["warnings"])]
+          (f"Wall time: {results.get('wall_s', float('nan')):.0f} s. Load average (1/5/15 min) at the start "
+          f"and after each part: {results['load_avg']}."), "", *(f"**{w}**\n" for w in results["warnings"])]
     for key, (title, render) in MARKDOWN.items():
         if key in results["parts"]:
             md += [f"## {title}", "", render(results["parts"][key]), ""]
@@ -570,6 +795,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ad' (default: abcd)")
     p.add_argument("--size", help="part a's matrix, e.g. 4096x4096 (overrides the preset)")
     p.add_argument("--rounds", type=int, help="part a's interleaved rounds (overrides the preset)")
+    p.add_argument("--matrices", type=Path, metavar="FILE",
+                   help="part d: also factorize every 2-D tensor of this safetensors file (e.g. real centered "
+                        "task vectors), at the preset's rank ratios")
     p.add_argument("--official-budget", type=float, metavar="SECONDS",
                    help="part c: run official_cart only when estimated at most this long (overrides the preset)")
     return p.parse_args(argv)
@@ -582,6 +810,8 @@ def configure(args: argparse.Namespace) -> Preset:
         cfg = replace(cfg, a_size=(m, n))
     if args.rounds:
         cfg = replace(cfg, a_rounds=args.rounds)
+    if args.matrices:
+        cfg = replace(cfg, d_matrices=str(args.matrices))
     if args.official_budget is not None:
         cfg = replace(cfg, c_official_budget_s=args.official_budget)
     return cfg
@@ -608,7 +838,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             results["parts"][part] = RUNNERS[part](cfg, device)
-        except Exception as exc:  # keep the other parts' results; report the failure
+        except Exception as exc:  # noqa: BLE001  (the other parts still run; the failure is reported)
             import traceback
             results["errors"][part] = traceback.format_exc()
             log(f"[{part}] FAILED: {type(exc).__name__}: {exc}")

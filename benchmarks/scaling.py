@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
+from machine import describe, load_average, load_ccsmerge, machine_info
 
 
 def fit_power_law(xs: list[float], ys: list[float]) -> float:
@@ -70,7 +70,7 @@ def streaming_inputs(root: Path, gb: float, models: int = 4) -> list[Path]:
 
 def timed_rss(command: list[str]) -> tuple[float, float]:
     start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
+    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-2000:])
     return time.perf_counter() - start, int(result.stderr.strip().splitlines()[-1]) * 1024 / 1e9
@@ -88,17 +88,18 @@ def main() -> None:
     rounds = 1 if args.quick else 2
     counts = [3, 4, 8, 12, 16, 20] if not args.quick else [3, 6, 12]  # T = 2 is the plain average
     ratios = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32] if not args.quick else [0.02, 0.08, 0.32]
-    sizes_gb = [0.25, 0.5, 1.0, 2.0] if not args.quick else [0.1, 0.2, 0.4]
+    sizes_gb = [0.5, 1.0, 2.0, 4.0] if not args.quick else [0.1, 0.2, 0.4]
 
     by_t = []
     for T in counts:
         models = task_models(T, size)
-        by_t.append((T, median_time(lambda: ccsmerge.merge(models, "cart", device="cpu"), rounds)))
+        by_t.append((T, median_time(lambda models=models: ccsmerge.merge(models, "cart", device="cpu"), rounds)))
         print("T", by_t[-1])
     models = task_models(8, size)
     by_rank = []
     for ratio in ratios:
-        seconds = median_time(lambda: ccsmerge.merge(models, "cart", rank_ratio=ratio, device="cpu"), rounds)
+        seconds = median_time(lambda ratio=ratio: ccsmerge.merge(models, "cart", rank_ratio=ratio, device="cpu"),
+                              rounds)
         by_rank.append((ratio, seconds))
         print("rank", by_rank[-1])
     by_size = []
@@ -111,7 +112,7 @@ def main() -> None:
             command = [sys.executable, "-m", "ccsmerge", "merge", "--method", "average", "--quiet", "--device", "cpu"]
             command += ["--max-memory", "256MB", "--out", str(out)] + [a for p in paths for a in ("--model", str(p))]
             files = " ".join(str(p / "model.safetensors") for p in paths)
-            subprocess.run(["bash", "-c", f"cat {files} > /dev/null"])  # a warm page cache
+            subprocess.run(["bash", "-c", f"cat {files} > /dev/null"], check=True)  # a warm page cache
             shutil.rmtree(out, ignore_errors=True)
             seconds, rss = timed_rss(command)
             by_size.append((real_gb, seconds, rss))
@@ -149,8 +150,8 @@ def main() -> None:
         "|---|" + "---|" * (len(by_rank) + 1),
         "| s | " + " | ".join(f"{s:.3f}" for _, s in by_rank) + f" | {slopes['time_vs_rank_ratio']:.2f} |",
         "",
-        "`ccsmerge merge --method average --max-memory 256MB`, 4 bf16 models of 2048 x 2048 matrices, warm page "
-        "cache, a fresh process each (startup included).",
+        ("`ccsmerge merge --method average --max-memory 256MB`, 4 bf16 models of 2048 x 2048 matrices, warm page "
+        "cache, a fresh process each (startup included)."),
         "",
         "| input GB | seconds | peak RSS GB |",
         "|---|---|---|",
@@ -158,8 +159,8 @@ def main() -> None:
     lines += [f"| {g:.2f} | {s:.2f} | {r:.2f} |" for g, s, r in by_size]
     lines += [
         "",
-        f"Slopes: time ∝ size^{slopes['time_vs_input_size']:.2f} ({slopes['seconds_per_gb']:.2f} s per GB); "
-        f"peak RSS grows {slopes['rss_gb_per_input_gb'] * 1000:.0f} MB per GB of input.",
+        (f"Slopes: time ∝ size^{slopes['time_vs_input_size']:.2f} ({slopes['seconds_per_gb']:.2f} s per GB); "
+        f"peak RSS grows {slopes['rss_gb_per_input_gb'] * 1000:.0f} MB per GB of input."),
     ]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
