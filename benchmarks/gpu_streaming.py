@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -102,30 +100,8 @@ def child_main(argv: list[str]) -> int:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
         gpu_before = torch.cuda.memory_allocated()
-    baseline = streaming_bench.proc_status()
-    sampler = streaming_bench.RssSampler()
-    sampler.start()
-    cpu0 = os.times()
-    t0 = time.perf_counter()
-    rc = ccsmerge.cli.main(argv)
-    if on_gpu:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    cpu1 = os.times()
-    sampler.stop()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result = {
-        "rc": rc,
-        "plan": plan,
-        "merge_s": wall,
-        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-        "baseline_rss": baseline["VmRSS"],
-        "baseline_anon": baseline["RssAnon"],
-        "baseline_file": baseline["RssFile"],
-        "peak_rss": usage.ru_maxrss * 1024,
-        "sampled_peak_anon": sampler.peaks["RssAnon"],
-        "sampled_peak_file": sampler.peaks["RssFile"],
-    }
+    result = {"plan": plan, **streaming_bench.measure_cli(argv, torch.cuda.synchronize if on_gpu else None)}
+    rc = result["rc"]
     if on_gpu:
         result.update(
             gpu_before=gpu_before,

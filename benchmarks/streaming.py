@@ -101,14 +101,10 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def child_main(argv: list[str]) -> int:
-    """Import ccsmerge, record the baseline RSS, run `ccsmerge <argv>`, print the measurements."""
-    sys.path.insert(0, str(HERE))
-    from machine import load_ccsmerge
-
-    load_ccsmerge()
+def measure_cli(argv: list[str], finish=None) -> dict:
+    """Run `ccsmerge <argv>` in this process: exit code, wall and CPU time, baseline and peak RSS.
+    finish() (e.g. a CUDA synchronize) runs before the clock stops."""
     import ccsmerge.cli
-    import ccsmerge.streaming  # imported by cli.main: part of the baseline
 
     baseline = proc_status()
     sampler = RssSampler()
@@ -116,11 +112,13 @@ def child_main(argv: list[str]) -> int:
     cpu0 = os.times()
     t0 = time.perf_counter()
     rc = ccsmerge.cli.main(argv)
+    if finish is not None:
+        finish()
     wall = time.perf_counter() - t0
     cpu1 = os.times()
     sampler.stop()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    result = {
+    return {
         "rc": rc,
         "merge_s": wall,
         "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
@@ -135,8 +133,20 @@ def child_main(argv: list[str]) -> int:
         "major_faults": usage.ru_majflt,
         "minor_faults": usage.ru_minflt,
     }
+
+
+def child_main(argv: list[str]) -> int:
+    """Import ccsmerge, record the baseline RSS, run `ccsmerge <argv>`, print the measurements."""
+    sys.path.insert(0, str(HERE))
+    from machine import load_ccsmerge
+
+    load_ccsmerge()
+    import ccsmerge.cli
+    import ccsmerge.streaming  # noqa: F401  (imported by cli.main: part of the baseline)
+
+    result = measure_cli(argv)
     print(RESULT_MARKER + json.dumps(result), flush=True)
-    return rc
+    return result["rc"]
 
 
 # --------------------------------------------------------------------------- synthetic checkpoints
