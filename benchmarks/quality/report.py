@@ -304,6 +304,9 @@ def _plots(out: Path, searches, curves, results, table) -> dict:
 
 
 if __name__ == "__main__":  # rewrite REPORT.md and the plots from OUT/raw.pt: python -m benchmarks.quality.report OUT
-    raw = torch.load(Path(sys.argv[1]) / "raw.pt", weights_only=False)
+    from .tasks import Task
+
+    with torch.serialization.safe_globals([Task]):  # weights_only: nothing else in the file may run
+        raw = torch.load(Path(sys.argv[1]) / "raw.pt", weights_only=True)
     write(Path(sys.argv[1]), raw["tasks"], raw["sizes"], raw["results"], raw["searches"], raw["curves"], raw["meta"],
           raw["argv"])

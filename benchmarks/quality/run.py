@@ -244,7 +244,7 @@ def main(argv=None):
             tasks.append(task)
             path = cache / "frozen" / f"{name}-{cache_key(args, name)}.pt"
             if path.is_file():
-                data[name] = torch.load(path)
+                data[name] = torch.load(path, weights_only=True)
             else:
                 splits = split(task, SIZES, args.seed)
                 data[name] = {s: bucketize(model, tok, ex, start, args.batch, args.bf16) for s, ex in splits.items()}
