@@ -29,6 +29,16 @@ HEADLINE_RATIO = 0.08
 EXACT = "torch.linalg.svd"
 
 
+def save(fig, out: Path, name: str) -> str:
+    """Write one plot into `out` and close it; returns its file name for the report."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -75,11 +85,7 @@ def time_vs_shape(plt, engine: dict, out: Path) -> str | None:
                title=f"low-rank step, rank {HEADLINE_RATIO:.0%}, {dtype} inputs")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = "lowrank_time_vs_shape.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, out, "lowrank_time_vs_shape.png")
 
 
 def power_iters(method: str) -> int | None:
@@ -114,11 +120,7 @@ def error_vs_power_iters(plt, engine: dict, out: Path) -> str | None:
     axes[0][0].set_ylabel("||A - A_k|| / ||A - A_k^opt||  (dashed: 1.02)")
     fig.suptitle("ccsmerge.ops.randomized_svd, oversample 10: error ratio against power iterations "
                  "(solid: decaying spectrum, fp32)")
-    fig.tight_layout()
-    name = "lowrank_error_vs_power_iters.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, out, "lowrank_error_vs_power_iters.png")
 
 
 def speedup_vs_rank(plt, engine: dict, out: Path) -> str | None:
@@ -142,11 +144,7 @@ def speedup_vs_rank(plt, engine: dict, out: Path) -> str | None:
     axes[0][0].set_ylabel(f"speedup over torch.linalg.svd (dashed: {target}x)")
     axes[0][-1].legend(fontsize=6)
     fig.suptitle("low-rank step, float32, decaying spectrum: speedup against the rank ratio")
-    fig.tight_layout()
-    name = "lowrank_speedup_vs_rank.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, out, "lowrank_speedup_vs_rank.png")
 
 
 def cart_speedup_vs_t(plt, engine: dict, out: Path) -> str | None:
@@ -169,11 +167,7 @@ def cart_speedup_vs_t(plt, engine: dict, out: Path) -> str | None:
            title=f"CART of one {shape} fp32 weight, rank {rows[0]['rank_ratio']:.0%}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = "cart_speedup_vs_T.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, out, "cart_speedup_vs_T.png")
 
 
 def streaming_points(streaming: dict) -> list[tuple[float, float]]:
@@ -208,11 +202,7 @@ def rss_vs_input(plt, scaling: dict | None, streaming: dict | None, out: Path) -
     ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = "rss_vs_input.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
+    return save(fig, out, "rss_vs_input.png")
 
 
 CAPTIONS = {
