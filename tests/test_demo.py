@@ -70,11 +70,8 @@ def test_settings_were_chosen_on_validation(demo):
 
 
 def test_merges_from_disk_match_plain_pytorch(demo):
-    out, _, rows = demo
-    tasks = [
-        load_file(out / "models" / name / "model.safetensors")
-        for name in json.loads((out / "results.json").read_text())["tasks"]
-    ]
+    out, results, rows = demo
+    tasks = [load_file(out / "models" / name / "model.safetensors") for name in results["tasks"]]
     base = load_file(out / "models" / "pretrained" / "model.safetensors")
     average = load_folder(out / "merged" / "average")
     arithmetic = load_folder(out / "merged" / "task_arithmetic")

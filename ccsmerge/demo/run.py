@@ -175,9 +175,8 @@ def _run_demo(out: Path, device: str, seed: int, quick: bool, plots: bool, log) 
         suite, out / "models", pretrain_steps=200, fine_tune_steps=100
     )
     rows = [evaluate_row(suite, "pretrained", "", pretrained)]
-    individual = [float(suite.correct(m, t, "test").float().mean()) for t, m in enumerate(fine_tuned)]
-    correct = torch.cat([suite.correct(m, t, "test") for t, m in enumerate(fine_tuned)])
-    rows.append(Row("individual fine-tuned", "", {}, individual, correct))
+    per_task = [suite.correct(m, t, "test") for t, m in enumerate(fine_tuned)]
+    rows.append(Row("individual fine-tuned", "", {}, [float(c.float().mean()) for c in per_task], torch.cat(per_task)))
 
     log("choosing each method's hyper-parameters on the validation split")
     grids = QUICK_GRIDS if quick else GRIDS
