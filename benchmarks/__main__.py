@@ -65,6 +65,7 @@ def steps(args) -> list[tuple[str, list[str], str]]:
         size = [] if args.full else ["--hidden", "512", "--layers", "4", "--models", "3", "--rounds", "1"]
         plan.append(("Against mergekit", [mk, "vs_mergekit.py", "--out", out, *size], "vs_mergekit.md"))
     if args.full:
+        plan.append(("CART speed against accuracy", [py, "cart_tradeoff.py", "--out", out], "cart_tradeoff.md"))
         plan.append(("Distributed merges", [py, "distributed.py", "--out", out], "distributed.md"))
     return plan
 
@@ -138,6 +139,20 @@ def cart_goals(engine: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def tradeoff_goal(tradeoff: dict) -> tuple[str, str, str]:
+    """The whole-CART goal at the fastest (oversample, power_iters) whose update is within 5 %."""
+    within = [r for r in tradeoff["rows"] if r["update_error"] <= 0.05]
+    where = f"{tradeoff['shape'][0]}×{tradeoff['shape'][1]}, T = {tradeoff['T']}"
+    goal = "whole CART merge, T = 8, the fastest setting whose update is within 5 % (cart_tradeoff.py)"
+    if not within:
+        return goal, f"{where}: no setting within 5 %", "no"
+    best = max(within, key=lambda r: r["speedup"]["median"])
+    x = best["speedup"]
+    return goal, (f"{where}: oversample {best['oversample']}, power_iters {best['power_iters']}: "
+                  f"{x['median']:.1f}× [{x['min']:.1f}-{x['max']:.1f}] at {best['update_error']:.2%}"), \
+        "yes" if x["median"] >= 20 else "no"
+
+
 def streaming_goals(streaming: dict) -> list[tuple[str, str, str]]:
     ratios, over = [], []
     for size in streaming.get("sizes", []):
@@ -188,6 +203,9 @@ def goals(out: Path, device: str, preset: str, mergekit_ran: bool) -> list[tuple
     else:
         rows.append(("streaming average / task arithmetic: no slower than mergekit",
                      "not run: mergekit is not importable here (pass --mergekit-python)", "—"))
+    tradeoff = load(out, "cart_tradeoff.json")
+    if tradeoff:
+        rows.append(tradeoff_goal(tradeoff))
     streaming = load(out, "streaming.json")
     if streaming:
         rows += streaming_goals(streaming)
