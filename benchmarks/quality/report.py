@@ -269,14 +269,8 @@ def _plots(out: Path, searches, curves, results, table) -> dict:
     ax.set_xscale("log")
     ax.set_xticks(x, [f"{v:g}" for v in x])
     ax.minorticks_off()
-    ax.set_xlabel("rank ratio (k / min(m, n)); λ best on validation at each")
-    ax.set_ylabel("mean accuracy over tasks (%)")
-    ax.set_title("CART on all-MiniLM-L6-v2: accuracy vs rank ratio")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / files["rank_ratio"], dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, out / files["rank_ratio"], xlabel="rank ratio (k / min(m, n)); λ best on validation at each",
+            title="CART on all-MiniLM-L6-v2: accuracy vs rank ratio", legend_size=7)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = {"task_arithmetic": "tab:green", "ties": "tab:red", "cart_exact": "tab:blue",
@@ -292,15 +286,22 @@ def _plots(out: Path, searches, curves, results, table) -> dict:
         ax.plot([r["lam"] for r in rows], [100 * r["test"] for r in rows], "s--", color=colors[key],
                 label=dict(ROWS)[key] + ", test", ms=3)
     ax.axhline(table["average"]["mean"], color="gray", linestyle=":", label="Weight averaging, test")
-    ax.set_xlabel("λ")
+    _finish(fig, ax, out / files["lam"], xlabel="λ", title="Accuracy vs λ", legend_size=6)
+    return files
+
+
+def _finish(fig, ax, path, *, xlabel: str, title: str, legend_size: int) -> None:
+    """Axis labels, legend and grid shared by the accuracy plots; writes and closes the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean accuracy over tasks (%)")
-    ax.set_title("Accuracy vs λ")
-    ax.legend(fontsize=6)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / files["lam"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return files
 
 
 if __name__ == "__main__":  # rewrite REPORT.md and the plots from OUT/raw.pt: python -m benchmarks.quality.report OUT
