@@ -243,6 +243,29 @@ def test_centered_matmul_non_contiguous(device, impl, layout, transpose, per_tas
         assert_within(out, ref, bound, f"centered_matmul {layout}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "mixed"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("with_center", [False, True], ids=["no_center", "center"])
+def test_centered_matmul_narrow_inputs_over_several_panels(device, impl, dtype, layout, transpose, with_center):
+    """bf16/fp16 inputs tall enough that the CPU kernel converts them in
+    several row panels (4 MiB of float32 each: 2097 rows of 500 here), with
+    a last panel shorter than the others."""
+    fn = get_impl("centered_matmul", impl, device)
+    shape = (2600, 500)
+    xs, center, rhs = _centered_matmul_case(
+        3, shape, dtype, device, transpose=transpose, with_center=with_center, per_task=True, layout=layout,
+        seed=7,
+    )
+    out = fn(xs, center, rhs, transpose)
+    ref = R.ref_centered_matmul(xs, center, rhs, transpose)
+    inner = shape[0] if transpose else shape[1]
+    xmax = max(float(x.double().abs().max()) for x in xs)
+    cmax = float(center.double().abs().max()) if center is not None else 0.0
+    bound = 4 * (inner + 2) * u_of(torch.float32) * (xmax + cmax) * float(rhs.double().abs().max())
+    assert_within(out, ref, bound, f"centered_matmul {dtype} {layout}")
+
+
 def test_centered_matmul_shared_rhs_equals_repeated_per_task_rhs(device):
     """A shared (r, l) rhs means the same rhs for every t."""
     xs, center, rhs = _centered_matmul_case(

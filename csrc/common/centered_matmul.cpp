@@ -1,8 +1,52 @@
 #include "centered_matmul.h"
 
+#include <algorithm>
+
 #include "checks.h"
 
 namespace ccsmerge {
+
+namespace {
+
+// Rows of a narrower (bf16/fp16) input converted at a time on the CPU: ~4 MiB
+// of float32 stays in cache between the conversion and the GEMM that reads it,
+// where converting the whole matrix first writes and re-reads a full float32
+// copy (and allocates it) in every product of every power iteration.
+constexpr int64_t kPanelBytes = int64_t{4} << 20;
+
+// out = op(x) @ r - c (c undefined: no subtraction), x converted to out's
+// dtype one row panel at a time. op = transpose sums the panels' products.
+void panelled_product(at::Tensor& out, const at::Tensor& x, const at::Tensor& r,
+                      const at::Tensor& c, bool transpose) {
+  const int64_t rows = x.size(0);
+  const int64_t cols = x.size(1);
+  const int64_t step = std::max<int64_t>(16, kPanelBytes / (cols * out.element_size()));
+  auto panel = at::empty({std::min(step, rows), cols}, out.options());
+  if (transpose) {
+    if (c.defined()) {
+      at::neg_out(out, c);
+    } else {
+      out.zero_();
+    }
+  }
+  for (int64_t start = 0; start < rows; start += step) {
+    const int64_t n = std::min(step, rows - start);
+    auto p = panel.narrow(0, 0, n);
+    p.copy_(x.narrow(0, start, n));
+    if (transpose) {
+      out.addmm_(p.t(), r.narrow(0, start, n));  // out += P^T R[start:start+n]
+    } else {
+      auto out_rows = out.narrow(0, start, n);
+      if (c.defined()) {
+        at::addmm_out(out_rows, c.narrow(0, start, n), p, r, /*beta=*/-1, /*alpha=*/1);
+      } else {
+        at::mm_out(out_rows, p, r);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 at::Tensor centered_matmul(at::TensorList xs, const std::optional<at::Tensor>& center,
                            const at::Tensor& rhs, bool transpose) {
@@ -45,7 +89,17 @@ at::Tensor centered_matmul(at::TensorList xs, const std::optional<at::Tensor>& c
     }
   }
 
+  const bool panelled = x0.is_cpu() && x0.scalar_type() != dtype;
   for (int64_t t = 0; t < T; ++t) {
+    if (panelled) {
+      auto out_t = out.select(0, t);
+      const auto r = shared ? rhs : rhs.select(0, t);
+      const auto c_t = !center_products.defined() ? at::Tensor()
+                       : shared                   ? center_products
+                                                  : center_products.select(0, t);
+      panelled_product(out_t, xs[t], r, c_t, transpose);
+      continue;
+    }
     const auto x = xs[t].to(dtype);  // no copy for inputs already in the compute dtype
     const auto x_op = transpose ? x.t() : x;
     const auto r = shared ? rhs : rhs.select(0, t);
