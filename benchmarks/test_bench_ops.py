@@ -101,34 +101,6 @@ def test_svd_torch_linalg_svd(benchmark, svd_input, device):
     run(benchmark, lambda: torch.linalg.svd(a, full_matrices=False), device, rounds=3)
 
 
-# --------------------------------------------------------------------------- power-iteration bases
-
-
-@pytest.fixture
-def panel(device):
-    m, l = 4096, 327 + 10  # the panel of a 4096 x 4096 matrix at rank 8 %, oversample 10
-    return torch.randn(m, l, generator=synthetic.generator(0, device), device=device), f"basis {m}x{l} {device}"
-
-
-def test_basis_span_basis(benchmark, device, panel):
-    y, group = panel
-    benchmark.group = group
-    out = run(benchmark, lambda: ccsmerge.ops.span_basis(y), device, rounds=20)
-    assert out.shape == y.shape
-
-
-def test_basis_orthonormalize(benchmark, device, panel):
-    y, group = panel
-    benchmark.group = group
-    run(benchmark, lambda: ccsmerge.ops.orthonormalize(y), device, rounds=20)
-
-
-def test_basis_torch_linalg_qr(benchmark, device, panel):
-    y, group = panel
-    benchmark.group = group
-    run(benchmark, lambda: torch.linalg.qr(y).Q, device, rounds=20)
-
-
 # --------------------------------------------------------------------------- low-rank update
 
 

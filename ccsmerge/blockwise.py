@@ -96,7 +96,7 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
         xs, _ = _load(source, start, stop, device)
         return xs, ops.mean(xs)
 
-    def range_product(rhs):  # D rhs, D's row blocks one at a time
+    def range_basis(rhs):  # orth(D rhs), D's row blocks one at a time
         y = None
         for start, stop in blocks:
             xs, center = centered(start, stop)
@@ -108,7 +108,7 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
             if y is None:
                 y = torch.empty((part.shape[0], m, width), dtype=work, device=device)
             y[:, start:stop] = part
-        return y
+        return ops.orthonormalize(y)
 
     def transposed_product(q):  # D^T q, summed over row blocks
         total = None
@@ -119,19 +119,14 @@ def _cart(name, shape, dtype, source, cfg, device, blocks) -> Iterator[torch.Ten
         return total
 
     try:
-        y = range_product(omega)
+        q = range_basis(omega)
     except _NonFinite:  # allowed NaN/Inf: no SVD, the average
         warn_nonfinite_average(name)
         for start, stop in blocks:
             yield centered(start, stop)[1].to(dtype).cpu()
         return
     for _ in range(cfg.power_iters_for()):
-        z = transposed_product(ops.span_basis(y))
-        del y
-        y = range_product(ops.span_basis(z))
-        del z
-    q = ops.orthonormalize(y)
-    del y
+        q = range_basis(ops.orthonormalize(transposed_product(q)))
     u, s, vh = _top_triplets(q, transposed_product(q), k)
     del q
     T = u.shape[0]

@@ -40,23 +40,6 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q.contiguous()
 
 
-def span_basis(y: torch.Tensor) -> torch.Tensor:
-    if y.numel() == 0:
-        return torch.zeros_like(y)
-    lu, pivots, _ = torch.linalg.lu_factor_ex(y)  # Y = P L U
-    lower = lu.tril(-1)
-    lower.diagonal(dim1=-2, dim2=-1).fill_(1)
-    rows, cols = y.shape[-2:]
-    lower = lower.reshape(-1, rows, cols)
-    out = torch.empty_like(lower)
-    for b, swaps in enumerate(pivots.reshape(-1, cols).tolist()):
-        perm = list(range(rows))
-        for i, j in enumerate(swaps):  # LAPACK's 1-based sequential row swaps
-            perm[i], perm[j - 1] = perm[j - 1], perm[i]
-        out[b, perm] = lower[b]
-    return out.view(y.shape)
-
-
 def lowrank_update(
     center: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -42,8 +42,7 @@ def centered_randomized_svd(
 
     One Gaussian test matrix serves all T matrices; the centering is folded
     into each product (ops.centered_matmul), and every product is
-    re-normalised (ops.span_basis: LU on the CPU), so power iterations stay
-    stable in float32; the last basis, which the projection needs, is orthonormal."""
+    re-orthonormalised, so power iterations stay stable in float32."""
     xs = list(xs)
     m, n = xs[0].shape
     _check_rank(k, m, n)
@@ -54,11 +53,10 @@ def centered_randomized_svd(
     width = sketch_width(k, oversample, m, n)
     omega = gaussian_test_matrix(n, width, seed, dtype, device)
 
-    y = ops.centered_matmul(xs, center, omega)  # (T, m, l)
+    q = ops.orthonormalize(ops.centered_matmul(xs, center, omega))  # (T, m, l)
     for _ in range(power_iters):
-        z = ops.centered_matmul(xs, center, ops.span_basis(y), transpose=True)  # (T, n, l)
-        y = ops.centered_matmul(xs, center, ops.span_basis(z))
-    q = ops.orthonormalize(y)
+        z = ops.orthonormalize(ops.centered_matmul(xs, center, q, transpose=True))  # (T, n, l)
+        q = ops.orthonormalize(ops.centered_matmul(xs, center, z))
     # B_t = Q_t^T D_t holds D_t's top singular triplets; centered_matmul gives its transpose.
     bt = ops.centered_matmul(xs, center, q, transpose=True)  # (T, n, l)
     return _top_triplets(q, bt, k)

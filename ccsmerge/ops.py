@@ -17,7 +17,6 @@ __all__ = [
     "mean",
     "centered_matmul",
     "orthonormalize",
-    "span_basis",
     "lowrank_update",
     "randomized_svd",
     "centered_randomized_svd",
@@ -66,15 +65,6 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return fallback.orthonormalize(y)
 
 
-def span_basis(y: torch.Tensor) -> torch.Tensor:
-    """A well-conditioned basis (same shape) of the column space of each tall
-    panel of y, not necessarily orthonormal: what the power iterations need,
-    cheaper than orthonormalize on the CPU (LU instead of QR)."""
-    if _native("span_basis", y.device):
-        return torch.ops.ccsmerge.span_basis.default(y)
-    return fallback.span_basis(y)
-
-
 def lowrank_update(
     center: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -97,10 +87,6 @@ if _extension.loaded:
 
     @torch.library.register_fake("ccsmerge::orthonormalize")
     def _orthonormalize_fake(y):
-        return y.new_empty(y.shape)
-
-    @torch.library.register_fake("ccsmerge::span_basis")
-    def _span_basis_fake(y):
         return y.new_empty(y.shape)
 
     @torch.library.register_fake("ccsmerge::lowrank_update")

@@ -23,9 +23,6 @@ TORCH_LIBRARY(ccsmerge, m) {
   m.def("centered_matmul(Tensor[] xs, Tensor? center, Tensor rhs, bool transpose) -> Tensor");
   // Orthonormal basis of the column space of each (rows, l) panel of y.
   m.def("orthonormalize(Tensor y) -> Tensor");
-  // A well-conditioned basis of the column space of each (rows, l) panel of y,
-  // not necessarily orthonormal: the power iterations need only the span.
-  m.def("span_basis(Tensor y) -> Tensor");
   // (center + alpha * left @ right) written in dtype.
   m.def("lowrank_update(Tensor center, Tensor left, Tensor right, float alpha, ScalarType dtype) -> Tensor");
 }

@@ -1,4 +1,4 @@
-"""The five ccsmerge ops (mean, centered_matmul, orthonormalize, span_basis,
+"""The four ccsmerge ops (mean, centered_matmul, orthonormalize,
 lowrank_update) against the float64 references in tests/reference.py.
 
 Each op is exercised three ways on every device: the public wrapper
@@ -338,60 +338,6 @@ def test_orthonormalize_ill_conditioned_and_rank_deficient(device, impl, dtype):
         _check_orthonormal_basis(q, y, what)
 
 
-# ----------------------------------------------------------------------------- span_basis
-
-
-def _check_span_basis(b, y, what, max_cond):
-    """b spans (a space holding) every column of y, in float64 against an
-    independent QR of b, and is a usable basis: entries of magnitude <= 1 (a
-    unit lower-trapezoidal L, or orthonormal columns) and a bounded condition number."""
-    u = u_of(b.dtype)
-    b64, y64 = b.double().cpu(), y.double().cpu()
-    assert bool(torch.isfinite(b64).all()), f"{what}: non-finite basis"
-    assert float(b64.abs().max()) <= 1 + 10 * u, f"{what}: entries above 1"
-    cond = torch.linalg.cond(b64)
-    assert bool((cond <= max_cond).all()), f"{what}: condition number {float(cond.max()):.3g}"
-    _assert_spans(torch.linalg.qr(b64).Q, y64, 1e3 * u, f"{what}: span(B) misses Y")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", ORTHO_SHAPES, ids=str)
-def test_span_basis_spans_the_panel(device, impl, dtype, shape):
-    fn = get_impl("span_basis", impl, device)
-    y = _randn(shape, seed=2 * len(shape) + shape[-1], dtype=dtype, device=device)
-    b = fn(y)
-    assert b.shape == y.shape and b.dtype == dtype and b.device == y.device
-    _check_span_basis(b, y, f"span_basis {shape}", max_cond=1e3)
-    # Same column space as the float64 reference: equal projectors.
-    q, qref = torch.linalg.qr(b.double().cpu()).Q, torch.linalg.qr(y.double().cpu()).Q
-    assert_within(q @ q.mT, qref @ qref.mT, 1e3 * u_of(dtype) * shape[-1], "projector")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_span_basis_ill_conditioned_and_rank_deficient(device, impl, dtype):
-    """A rank-deficient, graded or zero panel still gets a full-rank basis
-    whose span holds every column of the panel (the extra directions are
-    harmless to the power iterations, which only need span(Y) inside it)."""
-    fn = get_impl("span_basis", impl, device)
-    g = R.generator(12)
-    deficient = torch.randn(80, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 12, generator=g, dtype=torch.float64)
-    graded = R.decaying_matrix(80, 12, decay=6.0, seed=3)
-    zero = torch.zeros(40, 5, dtype=torch.float64)
-    for what, y in [("rank 3", deficient), ("graded", graded), ("zero", zero)]:
-        y = y.to(dtype).to(device)
-        _check_span_basis(fn(y), y, what, max_cond=1e4)
-
-
-def test_span_basis_is_plain_lu_on_the_cpu(impl):
-    """On the CPU the basis is P L from LAPACK's Y = P L U: B U reproduces Y,
-    with U from an independent torch.linalg.lu of the float64 panel."""
-    fn = get_impl("span_basis", impl, "cpu")
-    y = _randn((60, 9), seed=5, dtype=torch.float64)
-    p, lower, upper = torch.linalg.lu(y)
-    assert_within(fn(y), p @ lower, 1e3 * u_of(torch.float64), "P L")
-    assert_within(fn(y) @ upper, y, 1e3 * u_of(torch.float64) * float(y.abs().max()), "B U = Y")
-
-
 # ----------------------------------------------------------------------------- lowrank_update
 
 LR_SHAPES = [(100, 37), (5, 64), (64, 64), (1, 1)]
@@ -467,7 +413,6 @@ _BAD_INPUTS_SCRIPT = textwrap.dedent(
         ("T = 2", lambda: ops.centered_matmul.default([x, x], None, z(3, 4, 2), False)),
         ("center", lambda: ops.centered_matmul.default([x, x], z(4, 6), z(4, 2), False)),
         ("tall", lambda: ops.orthonormalize.default(z(3, 5))),
-        ("tall", lambda: ops.span_basis.default(z(3, 5))),
         ("chain", lambda: ops.lowrank_update.default(x, z(6, 2), z(3, 4), 1.0, torch.float32)),
         ("floating", lambda: ops.lowrank_update.default(x, z(6, 2), z(2, 4), 1.0, torch.int32)),
     ]
@@ -490,7 +435,7 @@ def test_compiled_ops_reject_bad_inputs(device, tmp_path):
     TORCH_CHECK) with a message saying what is wrong. Run in a child process,
     so that a crash on the error path shows as this test's failure instead of
     ending the whole test session."""
-    for op in ("mean", "centered_matmul", "orthonormalize", "span_basis", "lowrank_update"):
+    for op in ("mean", "centered_matmul", "orthonormalize", "lowrank_update"):
         if not has_ext(op, device):
             pytest.skip(f"no compiled {op} kernel for {device}")
     script = tmp_path / "bad_inputs.py"
@@ -509,7 +454,7 @@ def test_cuda_build_has_every_kernel(cuda_device):
     info = ccsmerge.build_info()
     assert info["cuda_available"] is True
     assert info["cuda_ext"] is True, info
-    for op in ("mean", "centered_matmul", "orthonormalize", "span_basis", "lowrank_update"):
+    for op in ("mean", "centered_matmul", "orthonormalize", "lowrank_update"):
         assert has_ext(op, "cuda"), op
 
 
@@ -543,7 +488,6 @@ def _opcheck_cases(device):
             ([x.to(torch.float16) for x in xs], center, f32((3, 12, 4), 13), True),
         ],
         "orthonormalize": [(f32((20, 5), 20),), (f32((3, 20, 5), 21),)],
-        "span_basis": [(f32((20, 5), 22),), (f32((3, 20, 5), 23),), (f32((20, 5), 24).double(),)],
         "lowrank_update": [
             (center, f32((12, 3), 30), f32((3, 9), 31), 2.0, torch.float32),
             (center, f32((12, 3), 30), f32((3, 9), 31), -1.0, torch.bfloat16),
@@ -552,7 +496,7 @@ def _opcheck_cases(device):
     }
 
 
-@pytest.mark.parametrize("op", ["mean", "centered_matmul", "orthonormalize", "span_basis", "lowrank_update"])
+@pytest.mark.parametrize("op", ["mean", "centered_matmul", "orthonormalize", "lowrank_update"])
 def test_opcheck(device, op):
     if not has_ext(op, device):
         pytest.skip(f"no compiled {op} kernel for {device}")
@@ -562,7 +506,7 @@ def test_opcheck(device, op):
 
 @pytest.mark.parametrize("use_public_wrapper", [False, True], ids=["torch.ops", "ccsmerge.ops"])
 def test_fake_tensor_kernels(device, use_public_wrapper):
-    if not all(has_ext(op, device) for op in ("mean", "centered_matmul", "orthonormalize", "span_basis", "lowrank_update")):
+    if not all(has_ext(op, device) for op in ("mean", "centered_matmul", "orthonormalize", "lowrank_update")):
         pytest.skip(f"no compiled kernels for {device}")
     ops = ccsmerge.ops if use_public_wrapper else None
 
@@ -583,8 +527,6 @@ def test_fake_tensor_kernels(device, use_public_wrapper):
             assert out.shape == (3, 9, 5) and out.dtype == cdt
             q = call("orthonormalize", torch.empty(3, 12, 4, dtype=cdt, device=device))
             assert q.shape == (3, 12, 4) and q.dtype == cdt
-            b = call("span_basis", torch.empty(3, 12, 4, dtype=cdt, device=device))
-            assert b.shape == (3, 12, 4) and b.dtype == cdt
             upd = call(
                 "lowrank_update", c, torch.empty(12, 6, dtype=cdt, device=device),
                 torch.empty(6, 9, dtype=cdt, device=device), 2.0, dtype,
@@ -658,7 +600,7 @@ def test_forced_fallback_warns_once_per_op_and_merges_correctly(tmp_path):
     assert res["cpu_ext"] is False
     assert "CCSMERGE_DISABLE_EXT" in res["extension_error"]
     assert res["has_op"] is False
-    for op in ("mean", "centered_matmul", "orthonormalize", "span_basis", "lowrank_update"):
+    for op in ("mean", "centered_matmul", "orthonormalize", "lowrank_update"):
         hits = [m for m in res["messages"] if f"no compiled {op} kernel" in m]
         assert len(hits) == 1, (op, res["messages"])
         assert "fallback" in hits[0]

@@ -5,7 +5,6 @@ namespace ccsmerge::cpu {
 
 at::Tensor mean(at::TensorList xs, std::optional<at::ScalarType> dtype);
 at::Tensor orthonormalize(const at::Tensor& y);
-at::Tensor span_basis(const at::Tensor& y);
 at::Tensor lowrank_update(const at::Tensor& center, const at::Tensor& left,
                           const at::Tensor& right, double alpha, at::ScalarType dtype);
 

@@ -7,6 +7,5 @@ TORCH_LIBRARY_IMPL(ccsmerge, CPU, m) {
   m.impl("mean", &ccsmerge::cpu::mean);
   m.impl("centered_matmul", &ccsmerge::centered_matmul);
   m.impl("orthonormalize", &ccsmerge::cpu::orthonormalize);
-  m.impl("span_basis", &ccsmerge::cpu::span_basis);
   m.impl("lowrank_update", &ccsmerge::cpu::lowrank_update);
 }

@@ -7,7 +7,5 @@ TORCH_LIBRARY_IMPL(ccsmerge, CUDA, m) {
   m.impl("mean", &ccsmerge::cuda::mean);
   m.impl("centered_matmul", &ccsmerge::centered_matmul);
   m.impl("orthonormalize", &ccsmerge::cuda::orthonormalize);
-  // CholeskyQR2 is GEMM-bound on the GPU already: its orthonormal basis serves.
-  m.impl("span_basis", &ccsmerge::cuda::orthonormalize);
   m.impl("lowrank_update", &ccsmerge::cuda::lowrank_update);
 }
