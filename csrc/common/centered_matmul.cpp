@@ -91,21 +91,18 @@ at::Tensor centered_matmul(at::TensorList xs, const std::optional<at::Tensor>& c
 
   const bool panelled = x0.is_cpu() && x0.scalar_type() != dtype;
   for (int64_t t = 0; t < T; ++t) {
+    auto out_t = out.select(0, t);
+    const auto r = shared ? rhs : rhs.select(0, t);
+    const auto c_t = !center_products.defined() ? at::Tensor()
+                     : shared                   ? center_products
+                                                : center_products.select(0, t);
     if (panelled) {
-      auto out_t = out.select(0, t);
-      const auto r = shared ? rhs : rhs.select(0, t);
-      const auto c_t = !center_products.defined() ? at::Tensor()
-                       : shared                   ? center_products
-                                                  : center_products.select(0, t);
       panelled_product(out_t, xs[t], r, c_t, transpose);
       continue;
     }
     const auto x = xs[t].to(dtype);  // no copy for inputs already in the compute dtype
     const auto x_op = transpose ? x.t() : x;
-    const auto r = shared ? rhs : rhs.select(0, t);
-    auto out_t = out.select(0, t);
-    if (center_products.defined()) {
-      const auto c_t = shared ? center_products : center_products.select(0, t);
+    if (c_t.defined()) {
       // out_t = -C R_t + X_t R_t in one GEMM (beta = -1).
       at::addmm_out(out_t, c_t, x_op, r, /*beta=*/-1, /*alpha=*/1);
     } else {
