@@ -6,6 +6,7 @@ safetensors alone."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ccsmerge import MergeError
+from ccsmerge.sizes import parse_size
 from ccsmerge.synthetic import fine_tunes, toy_transformer
 
 # Layouts of one model on disk.
@@ -166,3 +169,22 @@ def smallest_budget(paths, method: str = "cart", **options) -> int:
         mid = (low + high) // 2
         low, high = (low, mid) if accepted(mid) else (mid, high)
     return high
+
+
+def budgets_until_accepted(plan, budget: int, needs: str, slack: int) -> list[str]:
+    """Call plan(budget) and, after each refusal, retry at the minimum the
+    refusal names (plus slack for the message's rounding) until it is
+    accepted. needs: the regex of the refusal, with the tensor name and the
+    size as its two groups. Returns the refused tensors, asserting that each
+    is refused once: the named minimum is enough for it."""
+    refused: list[str] = []
+    while True:
+        try:
+            plan(budget)
+            return refused
+        except MergeError as exc:
+            found = re.search(needs, str(exc))
+            assert found, exc
+            assert found.group(1) not in refused, exc
+            refused.append(found.group(1))
+            budget = parse_size(found.group(2)) + slack

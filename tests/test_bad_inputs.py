@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +20,8 @@ import yaml
 
 from ccsmerge import MergeError, merge_checkpoints, plan_checkpoints
 from ccsmerge.cli import main
-from ccsmerge.sizes import parse_size
 from ccsmerge.streaming import partial_folder
-from checkpoints import load_output, shard_files, toy_set, write_checkpoint
+from checkpoints import budgets_until_accepted, load_output, shard_files, toy_set, write_checkpoint
 
 NAN = float("nan")
 INF = float("inf")
@@ -387,17 +385,10 @@ def test_allow_nonfinite_merges_nan_and_inf(tmp_path, capsys, method, via):
 def test_the_minimum_budget_named_is_enough(tmp_path):
     """Raising the budget to the minimum a refusal names lets that tensor through."""
     paths = write_models(tmp_path)
-    budget, refused = 1000, []
-    while True:
-        try:
-            plan_checkpoints(paths, max_memory=budget, device="cpu")
-            break
-        except MergeError as exc:
-            found = re.search(r"tensor '([^']+)' .*needs at least ([\d.]+ [KMG]?B) ", str(exc))
-            assert found, exc
-            assert found.group(1) not in refused, exc
-            refused.append(found.group(1))
-            budget = parse_size(found.group(2)) + 100  # the message rounds to 0.1 KB
+    refused = budgets_until_accepted(
+        lambda budget: plan_checkpoints(paths, max_memory=budget, device="cpu"), 1000,
+        r"tensor '([^']+)' .*needs at least ([\d.]+ [KMG]?B) ", slack=100,  # the message rounds to 0.1 KB
+    )
     assert K in refused
 
 

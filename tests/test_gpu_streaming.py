@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 from checkpoints import (
+    budgets_until_accepted,
     folder_bytes,
     load_output,
     smallest_budget,
@@ -32,7 +33,6 @@ from ccsmerge.planning import (
     STAGING_MIN_CHUNK,
     staging_bytes,
 )
-from ccsmerge.sizes import parse_size
 from ccsmerge.staging import PinnedRing, Staging, make_staging
 
 NEEDS_BASE = ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
@@ -170,17 +170,10 @@ def test_the_gpu_budget_forces_row_blocks(toy, method):
 def test_the_minimum_gpu_budget_named_is_enough(toy):
     """Raising the GPU budget to the minimum a refusal names lets that tensor through."""
     _, _, _, paths = toy
-    budget, refused = DEVICE_RESERVE + 1000, []
-    while True:
-        try:
-            gpu_plan(paths, "cart", max_gpu_memory=budget)
-            break
-        except MergeError as exc:
-            found = re.search(r"tensor '([^']+)' .*needs at least ([\d.]+ [KMG]?B) of GPU memory", str(exc))
-            assert found, exc
-            assert found.group(1) not in refused, exc
-            refused.append(found.group(1))
-            budget = parse_size(found.group(2)) + 100_000  # the message rounds to 0.1 MB
+    refused = budgets_until_accepted(
+        lambda budget: gpu_plan(paths, "cart", max_gpu_memory=budget), DEVICE_RESERVE + 1000,
+        r"tensor '([^']+)' .*needs at least ([\d.]+ [KMG]?B) of GPU memory", slack=100_000,  # rounds to 0.1 MB
+    )
     assert refused
 
 
