@@ -14,14 +14,59 @@ import sys
 import traceback
 from collections import Counter
 
-from .config import METHODS
+from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS
+from .methods import REGISTRY
 from .errors import MergeError
 from .planning import DEVICE_RESERVE
 from .recipe import DTYPES, Recipe, load_recipe
 from .sizes import format_size
 
+# CART-indexing stores every task's factors; lam applies to merges only.
+INDEX_PARAMS = [p for p in REGISTRY["cart"].params if p.name != "lam"] + [COMMON_PARAMS[2]]
+SEARCH_GRIDS = ("lam", *{spec.search_axis for spec in REGISTRY.values() if spec.search_axis})
+
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+
+
+def _defaults(p) -> str:
+    """Which methods take an option, with each one's default."""
+    takers = [(spec.name, spec.param(p.name).default) for spec in REGISTRY.values() if spec.param(p.name)]
+    defaults = {d for _, d in takers}
+    if len(defaults) > 1:
+        return "default " + ", ".join(f"{n} {d}" for n, d in takers)
+    value = next(iter(defaults))
+    methods = ", ".join(n for n, _ in takers)
+    return methods if value in (None, (), True, False) else f"{methods}; default {value}"
+
+
+def add_option_flags(parser: argparse.ArgumentParser, params, *, grid: tuple[str, ...] = ()) -> None:
+    """One flag per option of the schema (dest = the option's name, None when
+    not given); the options in `grid` take comma-separated lists (search)."""
+    for p in params:
+        help_text = f"{p.description} ({_defaults(p)})" if p.name in METHOD_PARAMS else p.description
+        if p.name in grid:
+            parser.add_argument(p.flag, dest=p.name, type=_floats, metavar="A,B,...", help=f"{help_text}: values to try")
+        elif p.type is bool and p.default is True:
+            flag = "--no-" + p.name.replace("_", "-")
+            parser.add_argument(
+                flag, dest=p.name, action="store_const", const=False, default=None, help="turn off: " + help_text
+            )
+        elif p.type is bool:
+            parser.add_argument(p.flag, dest=p.name, action="store_const", const=True, default=None, help=help_text)
+        elif p.type is tuple:
+            parser.add_argument(p.flag, dest=p.name, action="append", metavar="REGEX", help=help_text + "; repeatable")
+        elif p.choices is not None:
+            parser.add_argument(p.flag, dest=p.name, choices=p.choices, help=help_text)
+        else:
+            metavar = p.name.upper().replace("_", "-")
+            parser.add_argument(p.flag, dest=p.name, type=p.type, metavar=metavar, help=help_text)
+
+
+def given_options(args: argparse.Namespace, params) -> dict:
+    """The options given as flags, by name; lists of regexes as tuples."""
+    given = {p.name: getattr(args, p.name, None) for p in params}
+    return {k: tuple(v) if isinstance(v, list) and k.startswith("lowrank_") else v for k, v in given.items() if v is not None}
 
 
 def _inputs(parser: argparse.ArgumentParser) -> None:
@@ -29,21 +74,7 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, help="merge method (default: cart)")
     parser.add_argument("--model", action="append", metavar="PATH", help="a model folder or file; repeat per model")
     parser.add_argument("--base", metavar="PATH", help="the pretrained base model (all but average and cart need it)")
-    parser.add_argument("--rank-ratio", type=float, help="CART: k = max(1, int(R * min(m, n))) (default 0.12)")
-    parser.add_argument("--lam", type=float, help="update scale (default: cart 2.0, ties 1.0, task_arithmetic 0.3)")
-    parser.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (default 0.2)")
-    parser.add_argument(
-        "--common-space-fraction", type=float, help="Iso-CTS: share of the rank for the common subspace (default 0.8)"
-    )
-    parser.add_argument("--svd", choices=("randomized", "exact"), help="CART's truncated SVD (default randomized)")
-    parser.add_argument("--oversample", type=int, help="randomized SVD oversampling (default max(10, k))")
-    parser.add_argument("--power-iters", type=int, help="randomized SVD power iterations (default 4)")
-    parser.add_argument("--seed", type=int, help="seed of the randomized SVD (default 0)")
-    parser.add_argument("--lowrank-include", action="append", metavar="REGEX", help="tensors given the low-rank step")
-    parser.add_argument("--lowrank-exclude", action="append", metavar="REGEX", help="tensors kept out of it")
-    parser.add_argument(
-        "--allow-nonfinite", action="store_true", default=None, help="merge NaN/Inf inputs instead of refusing them"
-    )
+    add_option_flags(parser, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]])
     parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors (default: the inputs')")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
@@ -78,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="CART-indexing: store theta_avg and every task's low-rank update")
     index.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per task model")
     index.add_argument("--out", required=True, metavar="DIR")
-    index.add_argument("--rank-ratio", type=float, default=0.12)
-    index.add_argument("--svd", choices=("randomized", "exact"), default="randomized")
-    index.add_argument("--seed", type=int, default=0)
+    add_option_flags(index, INDEX_PARAMS)
     index.add_argument("--device", default="auto")
     index.add_argument("--out-shard-size", default="5GB", metavar="SIZE")
     index.add_argument("--overwrite", action="store_true")
@@ -98,15 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per model")
     search.add_argument("--base", metavar="PATH")
     search.add_argument("--evaluate", required=True, metavar="MODULE:FUNCTION", help="evaluate(state_dict) -> float")
-    for flag, meaning in [
-        ("--lam", "update scales"),
-        ("--rank-ratio", "CART ranks"),
-        ("--density", "TIES densities"),
-        ("--common-space-fraction", "Iso-CTS common subspace shares"),
-    ]:
-        search.add_argument(flag, type=_floats, metavar="A,B,...", help=f"{meaning} to try, comma-separated")
-    search.add_argument("--svd", choices=("randomized", "exact"))
-    search.add_argument("--seed", type=int)
+    add_option_flags(search, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]], grid=SEARCH_GRIDS)
     search.add_argument("--device", default="auto")
     search.add_argument("--debug", action="store_true", help="show tracebacks")
     demo = commands.add_parser(
@@ -142,16 +163,13 @@ def run_search(args: argparse.Namespace) -> None:
         ckpt = Checkpoint(path)
         return {name: ckpt.read(name) for name in ckpt.tensors}
 
-    options = {k: v for k, v in (("svd", args.svd), ("seed", args.seed)) if v is not None}
-    grids = dict(lam=args.lam, rank_ratio=args.rank_ratio, density=args.density)
-    grids["common_space_fraction"] = args.common_space_fraction
+    options = given_options(args, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]])
     result = search(
         [load(p) for p in args.model],
         evaluate,
         args.method,
         base=load(args.base) if args.base else None,
         device=args.device,
-        **{k: v for k, v in grids.items() if v is not None},
         **options,
     )
     keys = [k for k in result.table[0] if k != "score"]
@@ -180,25 +198,9 @@ def merge_arguments(args: argparse.Namespace) -> dict:
             count = len(args.model or [])
             raise MergeError(f"merging needs at least 2 models, got {count} (--model PATH, once each, or a recipe)")
         kwargs.update(models=args.model, base=args.base)
-    flags = {
-        "method": args.method,
-        "rank_ratio": args.rank_ratio,
-        "lam": args.lam,
-        "density": args.density,
-        "common_space_fraction": args.common_space_fraction,
-        "svd": args.svd,
-        "oversample": args.oversample,
-        "power_iters": args.power_iters,
-        "seed": args.seed,
-        "lowrank_include": args.lowrank_include,
-        "lowrank_exclude": args.lowrank_exclude,
-        "dtype": args.dtype,
-        "allow_nonfinite": args.allow_nonfinite,
-    }
+    flags = {"method": args.method, "dtype": args.dtype}
     kwargs.update({k: v for k, v in flags.items() if v is not None})
-    for key in ("lowrank_include", "lowrank_exclude"):
-        if key in kwargs:
-            kwargs[key] = tuple(kwargs[key])
+    kwargs.update(given_options(args, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]]))
     kwargs.update(device=args.device, max_memory=args.max_memory, out_shard_size=args.out_shard_size)
     kwargs.update(max_gpu_memory=args.max_gpu_memory)
     return kwargs
@@ -213,9 +215,9 @@ def print_plan(plan) -> None:
         if t.out_dtype != t.dtype:
             dtype += "->" + str(t.out_dtype).replace("torch.", "")
         policy = f"low-rank k={t.rank}" if t.policy == "low-rank" else t.policy
-        row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, how, format_size(t.memory))
+        row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, t.rule, how, format_size(t.memory))
         rows.append(row + ((format_size(t.device_memory or 0),) if on_gpu else ()))
-    header = ("tensor", "shape", "dtype", "policy", "merged", "memory") + (("GPU memory",) if on_gpu else ())
+    header = ("tensor", "shape", "dtype", "policy", "decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -254,9 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             build_index(
                 args.model,
                 args.out,
-                rank_ratio=args.rank_ratio,
-                svd=args.svd,
-                seed=args.seed,
+                **given_options(args, INDEX_PARAMS),
                 device=args.device,
                 out_shard_size=args.out_shard_size,
                 overwrite=args.overwrite,

@@ -1,73 +1,125 @@
-"""Merge options: one validated, immutable model shared by the Python API
-(and, later, the CLI and YAML configs)."""
+"""The option schema: one validated, immutable model (MergeConfig) of every
+merge option, built from the method registry. The Python API, the CLI flags,
+recipe parameters and the mergekit plugin all derive from it; an option that
+the chosen method does not take is refused, never ignored."""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-METHODS = ("average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts")
-NEEDS_BASE = ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts")
-# Methods that take every 2-D weight's singular vectors from an SVD of task vectors.
-SVD_FAMILY = ("tsv_m", "iso_c", "iso_cts")
+from .methods import METHOD_NAMES, REGISTRY, Param
+from .methods.params import DEFAULT_LOWRANK_EXCLUDE
 
-# Method defaults for lam, from the papers' configurations.
-DEFAULT_LAM = {
-    "cart": 2.0,
-    "task_arithmetic": 0.3,
-    "ties": 1.0,
-    "average": 1.0,
-    "tsv_m": 1.0,
-    "iso_c": 1.0,
-    "iso_cts": 1.0,
-}
+__all__ = ["MergeConfig", "COMMON_PARAMS", "METHOD_PARAMS", "METHODS", "DEFAULT_LOWRANK_EXCLUDE", "options_of"]
 
-# Names of tensors kept out of the low-rank step by default: embeddings and
-# output heads, whose rows are per-token/per-class rather than a linear map.
-DEFAULT_LOWRANK_EXCLUDE = (
-    r"embed",
-    r"(^|\.)wte\.",
-    r"(^|\.)wpe\.",
-    r"pos_emb",
-    r"lm_head",
-    r"(^|\.)(classifier|score|head|heads)(\.|$)",
+METHODS = METHOD_NAMES
+
+# Options every method takes.
+COMMON_PARAMS = (
+    Param("method", str, "cart", "merge method", choices=METHOD_NAMES),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Param("allow_nonfinite", bool, False, "merge NaN/Inf inputs instead of refusing them"),
 )
 
 
-class MergeConfig(BaseModel):
-    """Every option of a merge. Unknown keys are rejected with the list of valid ones."""
+def _union() -> dict[str, Param]:
+    """Every method parameter by name; methods that share a name share its type and range."""
+    params: dict[str, Param] = {}
+    for spec in REGISTRY.values():
+        for p in spec.params:
+            known = params.setdefault(p.name, p)
+            if (known.type, known.gt, known.ge, known.le, known.choices) != (p.type, p.gt, p.ge, p.le, p.choices):
+                raise TypeError(f"parameter '{p.name}' is declared differently by two methods")
+    return params
 
+
+METHOD_PARAMS: dict[str, Param] = _union()
+
+
+def _annotation(p: Param):
+    if p.choices is not None:
+        base: Any = Literal[p.choices]  # type: ignore[valid-type]
+    elif p.type is tuple:
+        base = tuple[str, ...]
+    else:
+        base = p.type
+    constraints = {k: v for k, v in (("gt", p.gt), ("ge", p.ge), ("le", p.le)) if v is not None}
+    if p.type is float:
+        constraints["allow_inf_nan"] = False
+    return Annotated[base, Field(**constraints)] if constraints else base
+
+
+class _Schema(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal[METHODS] = "cart"  # type: ignore[valid-type]
-    rank_ratio: float = Field(0.12, gt=0.0, le=1.0, description="CART: k = max(1, int(rank_ratio * min(m, n)))")
-    lam: float | None = Field(None, description="scale of the update; None = the method's default")
-    density: float = Field(0.2, gt=0.0, le=1.0, description="TIES: fraction of each task vector kept")
-    common_space_fraction: float = Field(
-        0.8, ge=0.0, le=1.0, description="Iso-CTS: share of the rank given to the common subspace"
-    )
-    svd: Literal["randomized", "exact"] = "randomized"
-    oversample: int | None = Field(None, ge=0, description="None = max(10, k)")
-    power_iters: int | None = Field(None, ge=0, description="None = 4")
-    seed: int = Field(0, ge=0)
-    device: str = "auto"
-    lowrank_include: tuple[str, ...] = ()
-    lowrank_exclude: tuple[str, ...] = DEFAULT_LOWRANK_EXCLUDE
-    allow_nonfinite: bool = Field(False, description="merge NaN/Inf inputs instead of refusing them")
+    @model_validator(mode="before")
+    @classmethod
+    def _method_options(cls, data: Any) -> Any:
+        """Refuse the options the method does not take; fill in its defaults."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "cart")
+        spec = REGISTRY.get(method) if isinstance(method, str) else None
+        if spec is None:
+            return data  # the method field reports it
+        data = {k: v for k, v in data.items() if not (k in METHOD_PARAMS and v is None)}
+        foreign = [k for k in data if k in METHOD_PARAMS and k not in spec.param_names]
+        if foreign:
+            takes = ", ".join(spec.param_names) or "none besides " + ", ".join(p.name for p in COMMON_PARAMS)
+            raise ValueError(f"method '{method}' does not take {', '.join(foreign)} (its options: {takes})")
+        for p in spec.params:
+            data.setdefault(p.name, p.default)
+        return data
+
+    @field_validator("lowrank_include", "lowrank_exclude", check_fields=False)
+    @classmethod
+    def _regexes(cls, patterns):
+        for pattern in patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+        return patterns
 
     @model_validator(mode="after")
-    def _finite_lam(self):
-        if self.lam is not None and not (abs(self.lam) < float("inf")):
-            raise ValueError("lam must be finite")
+    def _cross_checks(self):
+        spec = REGISTRY[self.method]
+        if spec.extra_checks is not None:
+            spec.extra_checks(self)
         return self
 
     @property
-    def scale(self) -> float:
-        return DEFAULT_LAM[self.method] if self.lam is None else self.lam
+    def spec(self):
+        return REGISTRY[self.method]
 
-    def oversample_for(self, k: int) -> int:
-        return max(10, k) if self.oversample is None else self.oversample
 
-    def power_iters_for(self) -> int:
-        return 4 if self.power_iters is None else self.power_iters
+def _fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for p in COMMON_PARAMS:
+        fields[p.name] = (_annotation(p), Field(p.default, description=p.description))
+    for p in METHOD_PARAMS.values():
+        fields[p.name] = (Optional[_annotation(p)], Field(None, description=p.description))
+    return fields
+
+
+MergeConfig = create_model("MergeConfig", __base__=_Schema, **_fields())
+MergeConfig.__doc__ = (
+    "Every option of a merge: the common ones and the chosen method's parameters "
+    "(other methods' parameters are None). Unknown options are refused with the valid ones."
+)
+
+
+def options_of(cfg) -> dict[str, Any]:
+    """The method's parameters of a config, by name (what a recipe records)."""
+    return {p.name: getattr(cfg, p.name) for p in cfg.spec.params}
+
+
+def valid_options(method: str) -> list[str]:
+    spec = REGISTRY.get(method)
+    names = [p.name for p in COMMON_PARAMS]
+    return names + list(spec.param_names if spec is not None else METHOD_PARAMS)
+
+

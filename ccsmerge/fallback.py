@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .numerics import compute_dtype
 
 
 def mean(xs: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

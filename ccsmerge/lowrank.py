@@ -5,12 +5,12 @@ factors of every D_t = xs[t] - C, batched: U (T, m, k), S (T, k), Vh (T, k, n)."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from . import ops
-from .fallback import compute_dtype
+from . import kernels
+from .numerics import compute_dtype
 
 
 def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
@@ -29,6 +29,10 @@ def _check_rank(k: int, m: int, n: int) -> None:
         raise ValueError(f"rank k={k} must be in [1, min(m, n)={min(m, n)}]")
 
 
+# rows start:stop of the T matrices and of their center (or None), on the compute device.
+CenteredRows = Callable[[int, int], "tuple[list[torch.Tensor], torch.Tensor | None]"]
+
+
 def centered_randomized_svd(
     xs: Sequence[torch.Tensor],
     center: torch.Tensor | None,
@@ -38,31 +42,83 @@ def centered_randomized_svd(
     power_iters: int = 2,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Halko-Martinsson-Tropp randomized SVD of every xs[t] - center at once.
-
-    One Gaussian test matrix serves all T matrices; the centering is folded
-    into each product (ops.centered_matmul), and every product is
-    re-orthonormalised, so power iterations stay stable in float32."""
+    """Halko-Martinsson-Tropp randomized SVD of every xs[t] - center at once
+    (the whole matrices as one row block of randomized_svd_over_rows)."""
     xs = list(xs)
     m, n = xs[0].shape
+    return randomized_svd_over_rows(
+        lambda start, stop: (xs, center),
+        (m, n),
+        [(0, m)],
+        k,
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+        dtype=compute_dtype(xs[0].dtype),
+        device=xs[0].device,
+    )
+
+
+def randomized_svd_over_rows(
+    rows: CenteredRows,
+    shape: tuple[int, int],
+    blocks: list[tuple[int, int]],
+    k: int,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    first_pass: Callable[[list[torch.Tensor], torch.Tensor | None], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized SVD of every D_t = xs[t] - center, reading the matrices one
+    row block at a time: Y = D Omega is assembled block by block and D^T Q is
+    summed over blocks, so only the (m x l) and (n x l) factors stay whole.
+    A whole matrix is one block. One Gaussian test matrix serves all T
+    matrices; the centering is folded into each product (ops.centered_matmul);
+    every product is re-orthonormalised, so power iterations stay stable in
+    float32. first_pass(xs, center) sees every block of the first pass (for
+    finiteness checks)."""
+    m, n = shape
     _check_rank(k, m, n)
     if oversample < 0 or power_iters < 0:
         raise ValueError("oversample and power_iters must be >= 0")
-    dtype = compute_dtype(xs[0].dtype)
-    device = xs[0].device
     width = sketch_width(k, oversample, m, n)
     omega = gaussian_test_matrix(n, width, seed, dtype, device)
+    whole = blocks == [(0, m)]
 
-    q = ops.orthonormalize(ops.centered_matmul(xs, center, omega))  # (T, m, l)
+    def range_basis(rhs, check=None):  # orth(D rhs)
+        y = None
+        for start, stop in blocks:
+            xs, center = rows(start, stop)
+            if check is not None:
+                check(xs, center)
+            part = kernels.centered_matmul(xs, center, rhs)
+            if whole:
+                y = part
+                break
+            if y is None:
+                y = torch.empty((part.shape[0], m, width), dtype=dtype, device=device)
+            y[:, start:stop] = part
+        return kernels.orthonormalize(y)
+
+    def transposed_product(q):  # D^T q, summed over row blocks
+        total = None
+        for start, stop in blocks:
+            xs, center = rows(start, stop)
+            part = kernels.centered_matmul(xs, center, q if whole else q[:, start:stop].contiguous(), transpose=True)
+            total = part if total is None else total.add_(part)
+        return total
+
+    q = range_basis(omega, first_pass)  # (T, m, l)
     for _ in range(power_iters):
-        z = ops.orthonormalize(ops.centered_matmul(xs, center, q, transpose=True))  # (T, n, l)
-        q = ops.orthonormalize(ops.centered_matmul(xs, center, z))
+        q = range_basis(kernels.orthonormalize(transposed_product(q)))
     # B_t = Q_t^T D_t holds D_t's top singular triplets; centered_matmul gives its transpose.
-    bt = ops.centered_matmul(xs, center, q, transpose=True)  # (T, n, l)
-    return _top_triplets(q, bt, k)
+    return top_triplets(q, transposed_product(q), k)
 
 
-def _top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k SVD of Q B from bt = B^T.
 
     float32: eigenvectors W of the small l x l Gram matrix B B^T in float64

@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 import pydantic
 import torch
 
-from .config import NEEDS_BASE, MergeConfig
+from .config import MergeConfig, valid_options
 from .errors import MergeError
-from .methods import METHODS, check_finite
+from .execute import merge_whole, to_compute_device  # noqa: F401 (to_compute_device: re-exported)
+from .methods import decide
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -21,11 +22,12 @@ def make_config(**options) -> MergeConfig:
         return MergeConfig(**options)
     except pydantic.ValidationError as exc:
         lines = []
+        method = options.get("method", "cart")
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "options"
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = f"unknown option; valid options: {', '.join(MergeConfig.model_fields)}"
+                msg = f"unknown option; valid options for {method}: {', '.join(valid_options(method))}"
             lines.append(f"{where}: {msg}")
         raise MergeError("invalid merge options: " + "; ".join(lines)) from None
 
@@ -55,11 +57,25 @@ def full_precision_matmuls():
         torch.set_float32_matmul_precision(previous)
 
 
+MERGEABLE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(label: str, name: str, dtype: torch.dtype) -> None:
+    """Floating tensors must be of a dtype the kernels compute in; fp8 weights
+    come with scale tensors that a plain merge would get wrong."""
+    if dtype.is_floating_point and dtype not in MERGEABLE_DTYPES:
+        short = str(dtype).replace("torch.", "")
+        raise MergeError(
+            f"tensor '{name}': {label} holds {short}, which ccsmerge does not merge "
+            "(fp8 weights come with scale tensors; dequantize to bfloat16 first)"
+        )
+
+
 def validate_models(models: Sequence[StateDict], base: StateDict | None, cfg: MergeConfig) -> list[str]:
     """Check that the models (and base) share names, shapes and dtypes; return the names."""
     if isinstance(models, Mapping) or len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {1 if isinstance(models, Mapping) else len(models)}")
-    if cfg.method in NEEDS_BASE and base is None:
+    if cfg.spec.needs_base and base is None:
         raise MergeError(f"method '{cfg.method}' needs a base model (base=...)")
     names = list(models[0].keys())
     reference = set(names)
@@ -78,6 +94,7 @@ def validate_models(models: Sequence[StateDict], base: StateDict | None, cfg: Me
         first = models[0][name]
         if not isinstance(first, torch.Tensor):
             raise MergeError(f"tensor '{name}': model 0 holds a {type(first).__name__}, not a tensor")
+        check_dtype("model 0", name, first.dtype)
         for label, sd in labelled[1:]:
             x = sd[name]
             if not isinstance(x, torch.Tensor):
@@ -91,89 +108,36 @@ def validate_models(models: Sequence[StateDict], base: StateDict | None, cfg: Me
     return names
 
 
-def to_compute_device(
-    xs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The inputs (and base) on the compute device. Asynchronous copies only
-    towards a GPU, whose stream orders them before the kernels; a CPU consumer
-    would read a device-to-host copy unfinished."""
-    non_blocking = device.type == "cuda"
-    moved = [x.to(device, non_blocking=non_blocking) for x in xs]
-    return moved, (base.to(device, non_blocking=non_blocking) if base is not None else None)
-
-
-def merge_tensor(
-    name: str, xs: list[torch.Tensor], base: torch.Tensor | None, cfg: MergeConfig, device: torch.device
-) -> torch.Tensor:
-    """Merge one tensor: computed on `device`, returned on the inputs' device in their dtype."""
-    home = xs[0].device
-    if not xs[0].is_floating_point():
-        # Integer/bool buffers (step counters, position ids) are copied, and must agree.
-        for i, x in enumerate(xs[1:] + ([base] if base is not None else []), start=1):
-            if not torch.equal(x, xs[0]):
-                label = f"model {i}" if i < len(xs) else "base"
-                raise MergeError(f"tensor '{name}': non-floating tensor differs between model 0 and {label}")
-        return xs[0].clone()
-    on_device, base_on_device = to_compute_device(xs, base, device)
-    merged = METHODS[cfg.method](name, on_device, base_on_device, cfg)
-    check_finite(name, merged, on_device, base_on_device, allow=cfg.allow_nonfinite)
-    return merged.to(home)
-
-
-def merge(
-    models: Sequence[StateDict],
-    method: str = "cart",
-    base: StateDict | None = None,
-    *,
-    rank_ratio: float = 0.12,
-    lam: float | None = None,
-    density: float = 0.2,
-    common_space_fraction: float = 0.8,
-    svd: str = "randomized",
-    oversample: int | None = None,
-    power_iters: int | None = None,
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    lowrank_include: Sequence[str] = (),
-    lowrank_exclude: Sequence[str] | None = None,
-    allow_nonfinite: bool = False,
-) -> dict[str, torch.Tensor]:
+def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | None = None, **options) -> dict[str, torch.Tensor]:
     """Merge T state dicts of one architecture into one.
 
-    methods: "average"; "task_arithmetic" (needs base): base + lam * sum_t (theta_t - base);
-    "ties" (needs base): TIES-Merging with `density`; "cart": theta_avg + lam * sum_t
-    LowRank_k(theta_t - theta_avg) on 2-D weights, k = max(1, int(rank_ratio * min(m, n))),
-    theta_avg elsewhere; the SVD family (need base): "tsv_m" (Task Singular Vectors),
-    "iso_c" and "iso_cts" (isotropic merging; `common_space_fraction`), see
-    ccsmerge.svd_family. lam=None takes the method's default (cart 2.0, ties 1.0,
-    task_arithmetic 0.3, the SVD family 1.0). svd="exact" uses torch.linalg.svd; "randomized" the engine, with
-    oversample=None meaning max(10, k) and power_iters=None meaning 4. Returns name -> tensor
-    in each input's dtype and device; raises MergeError on bad input before returning anything,
-    NaN/Inf inputs included unless allow_nonfinite (then they propagate elementwise, and CART
-    merges a matrix holding them as the plain average, with a warning).
-    """
-    options = dict(
-        method=method,
-        rank_ratio=rank_ratio,
-        lam=lam,
-        density=density,
-        common_space_fraction=common_space_fraction,
-        svd=svd,
-        oversample=oversample,
-        power_iters=power_iters,
-        seed=seed,
-        device=str(device),
-        lowrank_include=tuple(lowrank_include),
-        allow_nonfinite=allow_nonfinite,
-    )
-    if lowrank_exclude is not None:
-        options["lowrank_exclude"] = tuple(lowrank_exclude)
-    cfg = make_config(**options)
+    `method` is any name in ccsmerge.methods.REGISTRY (see the README's method
+    table; `ccsmerge merge --help` lists each method's options): "average";
+    "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts" (these need base);
+    "cart": theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on 2-D
+    weights, k = max(1, int(rank_ratio * min(m, n))), theta_avg elsewhere.
+    options are the method's parameters (rank_ratio, lam, density, svd,
+    oversample, power_iters, seed, lowrank_include, lowrank_exclude,
+    default_excludes, ...) and the common ones (device, allow_nonfinite); an
+    option the method does not take is a MergeError naming the valid ones.
+    Returns name -> tensor in each input's dtype and device; raises MergeError
+    on bad input before returning anything, NaN/Inf inputs included unless
+    allow_nonfinite (then they propagate elementwise, and CART merges a matrix
+    holding them as the plain average, with a warning)."""
+    if "device" in options:
+        options["device"] = str(options["device"])
+    for key in ("lowrank_include", "lowrank_exclude"):
+        if isinstance(options.get(key), (list, str)):
+            options[key] = (options[key],) if isinstance(options[key], str) else tuple(options[key])
+    cfg = make_config(method=method, **options)
     names = validate_models(models, base, cfg)
     compute_device = resolve_device(cfg.device)
     merged: dict[str, torch.Tensor] = {}
     with full_precision_matmuls():
         for name in names:
             xs = [sd[name] for sd in models]
-            merged[name] = merge_tensor(name, xs, base[name] if base is not None else None, cfg, compute_device)
+            job = decide(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs))
+            merged[name] = merge_whole(job, xs, base[name] if base is not None else None, compute_device)
     return merged
+
+

@@ -16,29 +16,50 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import Checkpoint
-from .config import SVD_FAMILY, MergeConfig
+from .config import MergeConfig
 from .errors import MergeError
-from .fallback import compute_dtype
-from .lowrank import sketch_width
-from .methods import cart_uses_lowrank, lowrank_rank
-from .selection import lowrank_selected
+from .merge import check_dtype
+from .methods import TensorJob, decide, treatment_of
+from .numerics import compute_dtype
 from .shard_writer import OutputTensor, plan_shards
 from .sizes import format_size
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # the inputs'
-    out_dtype: torch.dtype
-    policy: str  # "low-rank", "average", "task-arithmetic", "ties", "tsv-m", "iso-c", "iso-cts",
-    # "mean-task-vector" or "copied"
-    rank: int | None  # CART's k for low-rank tensors
+    job: TensorJob  # what the executor runs: treatment, rank, the rule that chose them, dtypes
     memory: int  # estimated peak bytes while this tensor is merged
     block_rows: int | None  # None: merged whole; else rows per block
     passes: int  # how many times the inputs are read
     device_memory: int | None = None  # estimated peak GPU bytes (None: merged on the CPU)
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.job.shape
+
+    @property
+    def dtype(self) -> torch.dtype:  # the inputs'
+        return self.job.dtype
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.job.out_dtype
+
+    @property
+    def policy(self) -> str:  # the treatment: "low-rank", "average", "ties", "copied", ...
+        return self.job.treatment
+
+    @property
+    def rank(self) -> int | None:
+        return self.job.rank
+
+    @property
+    def rule(self) -> str:
+        return self.job.rule
 
     @property
     def numel(self) -> int:
@@ -106,61 +127,6 @@ def staging_bytes(budget: int, room: int | None = None) -> int:
     return STAGING_CHUNKS * chunk if chunk >= STAGING_MIN_CHUNK else 0
 
 
-def _sketch_state_bytes(shape: tuple[int, ...], T: int, k: int, width: int, work: int) -> int:
-    """Factors a CART merge keeps whole: Omega, the T bases Q (m x l) and
-    D^T Q (n x l) with their orthonormalisation workspace, the T rank-k
-    factors, and the float64 temporaries of the small SVDs (B^T, sigma V and
-    the polar step's three k x n products)."""
-    m, n = shape
-    float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)  # one task's B^T at a time
-    return work * (n * width + 3 * T * (m + n) * width + 2 * T * k * (m + n)) + float64
-
-
-def _device_sketch_state_bytes(shape: tuple[int, ...], T: int, k: int, width: int, work: int) -> int:
-    """The same factors on a GPU, with more room for the orthonormalisation:
-    CholeskyQR2 works on float64 copies of the (T, m, l) panel while the
-    previous basis, the product and the panel of the other side are alive, and
-    the centered products stack their right-hand sides."""
-    m, n = shape
-    float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)
-    return work * (n * width + 7 * T * (m + n) * width + 3 * T * k * (m + n)) + float64
-
-
-def _device_bytes_per_element(policy: str, T: int, has_base: bool, in_b: int, work: int) -> int:
-    """GPU bytes held per element while the tensor is merged there: its inputs,
-    the method's workspace and the result in the inputs' dtype (cast to the
-    output dtype on the host). Non-floating tensors are merged on the host."""
-    if policy == "copied":
-        return 0
-    inputs = (T + has_base) * in_b
-    if policy == "ties":  # task vectors, magnitudes, masks; in row blocks the 64-bit radix digits
-        return inputs + 10 * T * work + 2 * work + in_b
-    if policy in ("tsv-m", "iso-c", "iso-cts"):  # as on the host, plus the solver's copy and workspace
-        return inputs + (T + 10) * work + in_b
-    if policy in ("task-arithmetic", "mean-task-vector"):
-        return inputs + 3 * work + in_b
-    if policy == "low-rank":  # the center, one converted input, the accumulated update
-        return inputs + 3 * work + in_b
-    return inputs + work + in_b  # average
-
-
-def _bytes_per_element(policy: str, T: int, has_base: bool, in_b: int, work: int, out_b: int) -> int:
-    """Bytes held per element of the tensor while it is merged (inputs included)."""
-    inputs = (T + has_base) * in_b
-    result = in_b + out_b  # the merge in the inputs' dtype, then the cast to the output dtype
-    if policy == "copied":
-        return inputs + result
-    if policy == "ties":
-        return inputs + 4 * T * work + 2 * work + result
-    if policy in ("tsv-m", "iso-c", "iso-cts"):
-        return inputs + (T + 6) * work + result  # the T task vectors, their sum and full SVD factors
-    if policy == "task-arithmetic":
-        return inputs + 3 * work + result
-    if policy == "low-rank":
-        return inputs + 2 * work + result  # the center and one input converted to the compute dtype
-    return inputs + work + result  # average: the float32 mean
-
-
 def plan_tensor(
     name: str,
     shape: tuple[int, ...],
@@ -177,32 +143,20 @@ def plan_tensor(
     memory budget when the merge runs on a GPU (DEVICE_RESERVE of it is kept
     for the libraries' workspaces), else None. The host estimate is the CPU
     merge's whatever the device (an upper bound for a GPU merge, which needs
-    no workspace on the host), so the host decides the same on every device."""
+    no workspace on the host), so the host decides the same on every device.
+    The job (treatment, rank, rule) comes from the method's rule and is what
+    the executor runs; memory comes from the treatment's cost model."""
+    job = decide(name, shape, dtype, cfg, T, out_dtype if dtype.is_floating_point else None)
+    treatment = treatment_of(job)
+    cost = treatment.cost
     floating = dtype.is_floating_point
-    final_dtype = out_dtype if (out_dtype is not None and floating) else dtype
-    if not floating:
-        policy = "copied"
-    elif cfg.method == "cart":
-        policy = "low-rank" if cart_uses_lowrank(name, shape, dtype, cfg, T) else "average"
-    elif cfg.method in SVD_FAMILY:
-        lowrank = lowrank_selected(name, shape, dtype, cfg)
-        policy = cfg.method.replace("_", "-") if lowrank else "mean-task-vector"
-    else:
-        policy = cfg.method.replace("_", "-")
     work = compute_dtype(dtype).itemsize if floating else dtype.itemsize
-    per_element = _bytes_per_element(policy, T, has_base, dtype.itemsize, work, final_dtype.itemsize)
+    per_element = cost.host(T, has_base, dtype.itemsize, work, job.out_dtype.itemsize)
     on_gpu = gpu_budget is not None
-    device_per_element = _device_bytes_per_element(policy, T, has_base, dtype.itemsize, work) if on_gpu else 0
+    device_per_element = cost.device(T, has_base, dtype.itemsize, work) if on_gpu else 0
     numel = math.prod(shape)
-    rank = None
-    state = device_state = 0
-    passes = 1
-    if policy == "low-rank":
-        rank = lowrank_rank(shape, cfg.rank_ratio)
-        width = sketch_width(rank, cfg.oversample_for(rank), *shape)
-        state = _sketch_state_bytes(shape, T, rank, width, work)
-        if on_gpu:
-            device_state = _device_sketch_state_bytes(shape, T, rank, width, work)
+    state = cost.state(job, work)
+    device_state = cost.device_state(job, work) if on_gpu else 0
     whole = numel * per_element + state
     device_whole = numel * device_per_element + device_state if on_gpu else None
     host_room = budget
@@ -210,14 +164,14 @@ def plan_tensor(
     host_fits = whole <= host_room
     device_fits = not on_gpu or device_whole <= device_room
     if (host_fits and device_fits) or len(shape) == 0 or numel == 0:
-        return TensorPlan(name, shape, dtype, final_dtype, policy, rank, whole, None, passes, device_whole)
-    if policy == "copied":
+        return TensorPlan(job, whole, None, 1, device_whole)
+    if job.treatment == "copied":
         raise MergeError(f"tensor '{name}': {format_size(whole)} of non-floating data does not fit the budget")
     # Row blocks: one input block per model plus the workspace, and one output
     # block waiting for the writer while the next is computed. On a GPU the
     # blocks come back to the host as soon as they are computed.
     row = numel // shape[0]
-    per_row = row * (per_element + final_dtype.itemsize)
+    per_row = row * (per_element + job.out_dtype.itemsize)
     available = host_room - state
     if available < per_row:
         need = state + per_row
@@ -239,12 +193,12 @@ def plan_tensor(
         what, limit, size = "GPU memory budget", gpu_budget, device_whole + DEVICE_RESERVE
     else:
         what, limit, size = "memory budget", budget, whole
-    if policy in ("tsv-m", "iso-c", "iso-cts"):
+    if treatment.blocks is None:
         raise MergeError(
-            f"tensor '{name}' {tuple(shape)}: {cfg.method} needs the whole matrix in memory "
+            f"tensor '{name}' {tuple(shape)}: {cfg.method} {treatment.refusal} "
             f"({format_size(size)}), more than the {what} of {format_size(limit)}"
         )
-    if policy == "low-rank" and cfg.svd == "exact":
+    if getattr(cfg, "svd", None) == "exact" and job.rank is not None:
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: svd='exact' needs the whole matrix in memory "
             f"({format_size(size)}), more than the {what} of {format_size(limit)}; "
@@ -253,13 +207,9 @@ def plan_tensor(
     block_rows = min(shape[0], available // per_row)
     if on_gpu and device_per_row:
         block_rows = min(block_rows, device_available // device_per_row)
-    if policy == "low-rank":
-        passes = 3 + 2 * cfg.power_iters_for()
-    elif policy == "ties":
-        passes = 1 + (0 if max(1, int(cfg.density * numel)) >= numel else 8 * work // 16)
     memory = state + block_rows * per_row
     device_memory = device_state + block_rows * device_per_row if on_gpu else None
-    return TensorPlan(name, shape, dtype, final_dtype, policy, rank, memory, block_rows, passes, device_memory)
+    return TensorPlan(job, memory, block_rows, cost.passes(job), device_memory)
 
 
 def natural_order(name: str) -> tuple:
@@ -274,6 +224,8 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> list[
     same names, shapes and dtypes."""
     reference = models[0]
     names = sorted(reference.tensors, key=natural_order)
+    for name in names:
+        check_dtype(str(reference.path), name, reference.tensors[name].dtype)
     others = [(str(m.path), m) for m in models[1:]] + ([(f"{base.path} (base)", base)] if base else [])
     for label, ckpt in others:
         missing = [n for n in names if n not in ckpt.tensors]

@@ -3,7 +3,7 @@ reads, and that every merge writes beside its output (ccsmerge.yml) and into
 its safetensors metadata, so that an output records how it was made and can
 be made again.
 
-    merge_method: cart          # or average, task_arithmetic, ties, tsv_m, iso_c, iso_cts
+    merge_method: cart              # any method of the registry (see the README's method table)
     base_model: path/to/base        # optional for cart and average
     models:
       - model: path/to/finetune-a
@@ -20,9 +20,10 @@ from typing import Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .config import METHODS
+from ._version import __version__
+from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS, MergeConfig, options_of
 from .errors import MergeError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -33,25 +34,27 @@ class ModelEntry(BaseModel):
     model: str
 
 
-class Parameters(BaseModel):
-    """Method parameters; absent ones take MergeConfig's defaults."""
+def _parameter_fields() -> dict:
+    """One optional field per option a method can take (and allow_nonfinite),
+    from the option schema; lam is written `lambda`, as mergekit users do."""
+    fields = {}
+    for name, p in {**METHOD_PARAMS, "allow_nonfinite": COMMON_PARAMS[2]}.items():
+        annotation = list[str] if p.type is tuple else MergeConfig.model_fields[name].annotation
+        fields[name] = (annotation | None, Field(None, alias=p.alias, description=p.description))
+    return fields
 
+
+class _ParametersBase(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    rank_ratio: float | None = None
-    lam: float | None = Field(None, alias="lambda")
-    density: float | None = None
-    common_space_fraction: float | None = None
-    svd: Literal["randomized", "exact"] | None = None
-    oversample: int | None = None
-    power_iters: int | None = None
-    seed: int | None = None
-    lowrank_include: list[str] | None = None
-    lowrank_exclude: list[str] | None = None
-    allow_nonfinite: bool | None = None
 
     def options(self) -> dict:
         """The parameters that were given, as merge options."""
-        return {k: v for k, v in self.model_dump(exclude_none=True).items()}
+        given = self.model_dump(exclude_none=True)
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+Parameters = create_model("Parameters", __base__=_ParametersBase, **_parameter_fields())
+Parameters.__doc__ = "Method parameters; absent ones take the method's defaults."
 
 
 class Recipe(BaseModel):
@@ -59,9 +62,24 @@ class Recipe(BaseModel):
     merge_method: Literal[METHODS]  # type: ignore[valid-type]
     base_model: str | None = None
     models: list[ModelEntry] = Field(min_length=2)
-    parameters: Parameters = Parameters()
+    parameters: Parameters = Field(default_factory=Parameters)
     dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
     ccsmerge_version: str | None = Field(None, description="informational: the version that wrote it")
+
+
+def recipe_of(cfg, models, base, dtype: str | None) -> Recipe:
+    """The recipe that records a merge: every parameter of its method, resolved."""
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in options_of(cfg).items()}
+    if cfg.allow_nonfinite:
+        params["allow_nonfinite"] = True
+    return Recipe(
+        merge_method=cfg.method,
+        base_model=str(Path(base).resolve()) if base is not None else None,
+        models=[ModelEntry(model=str(Path(p).resolve())) for p in models],
+        parameters=Parameters(**params),
+        dtype=dtype,
+        ccsmerge_version=__version__,
+    )
 
 
 def _explain(exc: pydantic.ValidationError, source: str) -> MergeError:

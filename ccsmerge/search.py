@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
-from .config import DEFAULT_LAM
+from . import kernels as ops
+from .config import valid_options
 from .errors import MergeError
-from .fallback import compute_dtype
+from .execute import merge_whole
 from .merge import full_precision_matmuls, make_config, resolve_device, validate_models
-from .methods import METHODS, cart_factors, cart_uses_lowrank, check_finite, lowrank_rank
+from .methods import decide, method_spec
+from .methods.cart import cart_factors
+from .methods.params import lowrank_rank
+from .numerics import check_finite, compute_dtype
 
 StateDict = Mapping[str, torch.Tensor]
-
-# The grid axis each method has besides λ.
-SECOND_AXIS = {"cart": "rank_ratio", "ties": "density", "iso_cts": "common_space_fraction"}
 
 
 @dataclass
@@ -42,28 +42,28 @@ def search(
     base: StateDict | None = None,
     *,
     lam: Sequence[float] | None = None,
-    rank_ratio: Sequence[float] | None = None,
-    density: Sequence[float] | None = None,
-    common_space_fraction: Sequence[float] | None = None,
     device: str | torch.device = "auto",
     **options,
 ) -> SearchResult:
-    """Score every (lam, rank_ratio | density | common_space_fraction) setting
-    of `method` with evaluate(state_dict) and return the best and the table.
+    """Score every (lam, the method's search axis) setting of `method` with
+    evaluate(state_dict) and return the best and the table. The search axis
+    (cart: rank_ratio, ties: density, iso_cts: common_space_fraction; see
+    each method's spec) is given as a sequence under its own name.
 
     Grids default to the single default value; other options are merge's.
     The state dicts passed to evaluate are in the inputs' dtype and device."""
-    axes = {"rank_ratio": rank_ratio, "density": density, "common_space_fraction": common_space_fraction}
-    second = SECOND_AXIS.get(method)
-    for name, values in axes.items():
-        if values is not None and name != second:
-            raise MergeError(f"search: method '{method}' has no '{name}' to search")
+    spec = method_spec(method)
+    second = spec.search_axis
+    grid = options.pop(second, None) if second is not None else None
+    if lam is not None and spec.param("lam") is None:
+        raise MergeError(f"search: method '{method}' has no 'lam' to search")
+    for name, values in options.items():
+        if isinstance(values, (list, tuple)) and name not in ("lowrank_include", "lowrank_exclude"):
+            raise MergeError(f"search: method '{method}' has no '{name}' to search (its axis: {second or 'lam only'})")
     cfg = make_config(method=method, device=str(device), **options)
-    lams = list(lam) if lam is not None else [DEFAULT_LAM[cfg.method]]
-    if second is None:
-        seconds = [None]
-    else:
-        seconds = list(axes[second]) if axes[second] is not None else [getattr(cfg, second)]
+    has_lam = spec.param("lam") is not None
+    lams = list(lam) if lam is not None else [cfg.lam if has_lam else None]
+    seconds = [None] if second is None else (list(grid) if grid is not None else [getattr(cfg, second)])
     if not lams or not seconds:
         raise MergeError("search: every grid needs at least one value")
     for value in seconds:  # validate every setting before any work
@@ -83,9 +83,12 @@ def search(
                 state = {}
                 for name in names:
                     x0 = models[0][name]
-                    value_ = reference[name] if name not in update else reference[name] + scale * update[name]
+                    if name in update:
+                        value_ = reference[name] + (1.0 if scale is None else scale) * update[name]
+                    else:
+                        value_ = reference[name]
                     state[name] = value_.to(x0.dtype).to(x0.device)
-                setting = {"lam": scale, **({second: value} if second else {})}
+                setting = {**({"lam": scale} if has_lam else {}), **({second: value} if second else {})}
                 table.append({**setting, "score": float(evaluate(state))})
                 del state
     best = max(table, key=lambda row: row["score"])
@@ -96,6 +99,7 @@ def _cart_updates(models, names, ratios, cfg, device):
     """(θ_avg, Σ_t U_t S_t V_tᵀ at each ratio's rank), from one SVD per matrix at the largest rank."""
     largest = cfg.model_copy(update={"rank_ratio": max(ratios)})
     reference, factors = {}, {}
+    T = len(models)
     for name in names:
         xs = [sd[name].to(device) for sd in models]
         if not xs[0].is_floating_point():
@@ -104,8 +108,9 @@ def _cart_updates(models, names, ratios, cfg, device):
         center = ops.mean(xs)
         check_finite(name, center, xs, allow=cfg.allow_nonfinite)
         reference[name] = center
-        if cart_uses_lowrank(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs)):
-            u, s, vh = cart_factors(name, xs, center, largest)
+        job = decide(name, tuple(xs[0].shape), xs[0].dtype, largest, T)
+        if job.treatment == "low-rank":
+            u, s, vh = cart_factors(job, lambda start, stop: (xs, center), [(0, job.shape[0])], device)
             factors[name] = (u * s.unsqueeze(-2), vh)
     for ratio in ratios:
         update = {}
@@ -116,26 +121,27 @@ def _cart_updates(models, names, ratios, cfg, device):
 
 
 def _linear_updates(models, base, names, second, values, cfg, device):
-    """(θ_base, merge at λ = 1 minus θ_base) for each value of the second axis."""
+    """(θ_base, merge at λ = 1 minus θ_base) for each value of the second axis
+    (for a method without λ, the merge itself against a zero reference)."""
     reference = {}
     for name in names:
         x0 = models[0][name]
-        ref = base[name] if base is not None else None
-        if ref is None:  # average: no base, no λ
+        ref = base[name] if base is not None and cfg.spec.param("lam") is not None else None
+        if ref is None:
             ref = torch.zeros_like(x0, dtype=compute_dtype(x0.dtype)) if x0.is_floating_point() else x0
         reference[name] = ref.to(device).to(compute_dtype(x0.dtype)) if x0.is_floating_point() else ref.clone()
+    T = len(models)
     for value in values:
-        setting = cfg.model_copy(update={"lam": 1.0, **({second: value} if second else {})})
+        update_options = {**({"lam": 1.0} if cfg.spec.param("lam") is not None else {}), **({second: value} if second else {})}
+        setting = cfg.model_copy(update=update_options)
         update = {}
         for name in names:
             x0 = models[0][name]
             if not x0.is_floating_point():
                 continue
-            work = compute_dtype(x0.dtype)
             # In the compute dtype, so that reference + λ · update rounds once.
-            xs = [sd[name].to(device).to(work) for sd in models]
-            b = base[name].to(device).to(work) if base is not None else None
-            merged = METHODS[cfg.method](name, xs, b, setting)
-            check_finite(name, merged, xs, b, allow=cfg.allow_nonfinite)
-            update[name] = merged - reference[name]
+            job = decide(name, tuple(x0.shape), x0.dtype, setting, T, compute_dtype(x0.dtype))
+            xs = [sd[name] for sd in models]
+            b = base[name] if base is not None else None
+            update[name] = merge_whole(job, xs, b, device).to(device) - reference[name]
         yield reference, update

@@ -32,12 +32,12 @@ import psutil
 import torch
 
 from ._version import __version__
-from .blockwise import merge_in_blocks
 from .checkpoint import Checkpoint
-from .config import NEEDS_BASE, MergeConfig
+from .config import MergeConfig
 from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError, MergeInterrupted
-from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
+from .execute import merge_rows, merge_whole
+from .merge import full_precision_matmuls, make_config, resolve_device
 from .planning import (
     DEVICE_RESERVE,
     GPU_BUDGET_FRACTION,
@@ -45,7 +45,7 @@ from .planning import (
     TensorPlan,
     make_plan,
 )
-from .recipe import DTYPES, ModelEntry, Parameters, Recipe, dump_recipe
+from .recipe import DTYPES, Recipe, dump_recipe, recipe_of
 from .shard_writer import (
     ShardWriter,
     shard_filename,
@@ -126,7 +126,7 @@ def prepare_merge(
         count = 1 if isinstance(models, (str, Path)) else len(models)
         raise MergeError(f"merging needs at least 2 models, got {count}")
     cfg = make_config(method=method, **options)
-    if cfg.method in NEEDS_BASE and base is None:
+    if cfg.spec.needs_base and base is None:
         raise MergeError(f"method '{cfg.method}' needs a base model (--base)")
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -142,26 +142,7 @@ def prepare_merge(
     base_ckpt = Checkpoint(base) if base is not None else None
     out_dtype = getattr(torch, dtype) if dtype else None
     plan = make_plan(opened, base_ckpt, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget)
-    recipe = Recipe(
-        merge_method=cfg.method,
-        base_model=str(Path(base).resolve()) if base is not None else None,
-        models=[ModelEntry(model=str(Path(p).resolve())) for p in models],
-        parameters=Parameters(
-            rank_ratio=cfg.rank_ratio,
-            lam=cfg.scale,
-            density=cfg.density,
-            common_space_fraction=cfg.common_space_fraction if cfg.method == "iso_cts" else None,
-            svd=cfg.svd,
-            oversample=cfg.oversample,
-            power_iters=cfg.power_iters,
-            seed=cfg.seed,
-            lowrank_include=list(cfg.lowrank_include),
-            lowrank_exclude=list(cfg.lowrank_exclude),
-            allow_nonfinite=cfg.allow_nonfinite or None,
-        ),
-        dtype=dtype,
-        ccsmerge_version=__version__,
-    )
+    recipe = recipe_of(cfg, models, base, dtype)
     return PreparedMerge(plan, cfg, opened, base_ckpt, recipe)
 
 
@@ -484,7 +465,7 @@ class _Pipeline:
             xs, base_tensor = self.staging.use(staged)
             # Computed on the device, brought back to the host (which waits
             # for the merge's kernels), cast to the output dtype there.
-            merged = merge_tensor(t.name, xs, base_tensor, cfg, self.device).to("cpu").to(t.out_dtype)
+            merged = merge_whole(t.job, xs, base_tensor, self.device).to("cpu")
             del xs, base_tensor
             self.staging.done(staged)
             self.gpu.release(held_gpu)
@@ -497,8 +478,8 @@ class _Pipeline:
             xs = [m.read_rows(t.name, start, stop) for m in models]
             return xs, (base.read_rows(t.name, start, stop) if base else None)
 
-        for chunk in merge_in_blocks(t.name, t.shape, t.dtype, len(models), rows, cfg, self.device, t.block_rows):
-            self.put(self.to_write, (t.name, chunk.to(t.out_dtype), 0))
+        for chunk in merge_rows(t.job, rows, t.block_rows, self.device):
+            self.put(self.to_write, (t.name, chunk, 0))
         self.gpu.release(held_gpu)  # every block is back on the host
         self.put(self.to_write, (None, None, held))  # the writer releases the budget once it has written all blocks
 

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import kernels as ops
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .errors import MergeError
 from .merge import full_precision_matmuls, make_config, resolve_device
-from .methods import cart_factors, cart_uses_lowrank, check_finite
+from .methods import decide
+from .methods.cart import cart_factors
+from .numerics import check_finite
 from .planning import check_compatible, natural_order
 from .shard_writer import OutputTensor, ShardWriter, plan_shards, shard_filename, write_atomically, write_index
 from .sizes import parse_size
@@ -96,12 +98,12 @@ def build_index(
     T = len(ckpts)
     device = resolve_device(cfg.device)
     plan: list[OutputTensor] = []
+    jobs = {name: decide(name, ckpts[0].tensors[name].shape, ckpts[0].tensors[name].dtype, cfg, T) for name in names}
     for name in names:
         info = ckpts[0].tensors[name]
         plan.append(OutputTensor(name, info.shape, info.dtype))
-        if info.dtype.is_floating_point and cart_uses_lowrank(name, info.shape, info.dtype, cfg, T):
-            m, n = info.shape
-            k = max(1, int(cfg.rank_ratio * min(m, n)))
+        if jobs[name].treatment == "low-rank":
+            (m, n), k = info.shape, jobs[name].rank
             for t in range(T):
                 plan.append(OutputTensor(f"{name}::task{t}.left", (m, k), torch.float32))
                 plan.append(OutputTensor(f"{name}::task{t}.right", (k, n), torch.float32))
@@ -125,8 +127,9 @@ def build_index(
             return xs[0].cpu()
         center = ops.mean(xs)
         check_finite(output.name, center, xs, allow=cfg.allow_nonfinite)
-        if cart_uses_lowrank(output.name, output.shape, output.dtype, cfg, T):
-            u, s, vh = cart_factors(output.name, xs, center, cfg)
+        job = jobs[output.name]
+        if job.treatment == "low-rank":
+            u, s, vh = cart_factors(job, lambda start, stop: (xs, center), [(0, job.shape[0])], device)
             for t in range(T):
                 factors[f"{output.name}::task{t}.left"] = (u[t] * s[t]).float().cpu()
                 factors[f"{output.name}::task{t}.right"] = vh[t].float().cpu()

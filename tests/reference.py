@@ -193,3 +193,10 @@ def ref_takes_lowrank(name: str, shape, include=(), exclude=()) -> bool:
     if any(re.search(p, name) for p in include):
         return True
     return not any(re.search(p, name) for p in exclude)
+
+
+def exact_svd(method: str) -> dict:
+    """svd="exact" for the methods that take an svd option (the others always solve exactly)."""
+    from ccsmerge.methods import REGISTRY
+
+    return {"svd": "exact"} if REGISTRY[method].param("svd") else {}

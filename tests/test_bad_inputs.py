@@ -294,7 +294,7 @@ def unknown_recipe_key(tmp):
     recipe.write_text(yaml.safe_dump(data))
     # The recipe's `parameters` and the API's options: either way the valid names are listed.
     api = {"models": paths, "lamda": 1.0}
-    return Case([str(recipe)], api, ["lamda", "valid", "rank_ratio", "density"], cli_expect=(str(recipe), "lambda"))
+    return Case([str(recipe)], api, ["lamda", "valid", "rank_ratio", "power_iters"], cli_expect=(str(recipe), "lambda"))
 
 
 @scenario("different-architectures")

@@ -103,14 +103,14 @@ def test_recipe_equals_flags_and_reproduces_itself(tmp_path, small, capsys, meth
             "merge_method": method,
             "base_model": os.path.relpath(base_path, tmp_path),
             "models": [{"model": os.path.relpath(p, tmp_path)} for p in paths],
-            "parameters": {"rank_ratio": 0.25, "lambda": 0.8, "density": 0.4},
+            "parameters": {"lambda": 0.8, **({"rank_ratio": 0.25} if method == "cart" else {"density": 0.4})},
             "dtype": "float16",
         },
     )
     common = ["--quiet", "--out-shard-size", "20KB"]
     assert run(["merge", recipe, *common, "--out", tmp_path / "A"], capsys)[0] == 0
     flags = [*model_flags(paths, base_path), "--method", method]
-    flags += "--rank-ratio 0.25 --lam 0.8 --density 0.4 --dtype float16".split()
+    flags += f"--lam 0.8 {'--rank-ratio 0.25' if method == 'cart' else '--density 0.4'} --dtype float16".split()
     assert run(["merge", *flags, *common, "--out", tmp_path / "B"], capsys)[0] == 0
     a = folder_bytes(tmp_path / "A")
     assert len(shard_files(tmp_path / "A")) > 1
@@ -292,18 +292,18 @@ def test_plan_from_a_recipe_equals_plan_from_flags(tmp_path, small, capsys):
     recipe = write_recipe(
         tmp_path / "cfg.yml",
         {
-            "merge_method": "ties",
+            "merge_method": "cart",
             "base_model": str(base_path),
             "models": [{"model": str(p)} for p in paths],
-            "parameters": {"density": 0.5, "lowrank_exclude": ["mlp"]},
+            "parameters": {"rank_ratio": 0.5, "lowrank_exclude": ["mlp"]},
         },
     )
     code, from_recipe, _ = run(["plan", recipe, "--max-memory", "250KB"], capsys)
     assert code == 0
-    flags = [*model_flags(paths, base_path), *"--method ties --density 0.5 --lowrank-exclude mlp".split()]
+    flags = [*model_flags(paths, base_path), *"--method cart --rank-ratio 0.5 --lowrank-exclude mlp".split()]
     code, from_flags, _ = run(["plan", *flags, "--max-memory", "250KB"], capsys)
     assert code == 0
-    assert from_recipe == from_flags and "ties" in from_recipe
+    assert from_recipe == from_flags and "low-rank" in from_recipe and "exclude 'mlp'" in from_recipe
 
 
 def test_lowrank_exclude_flag(small, capsys):

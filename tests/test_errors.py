@@ -11,6 +11,7 @@ import torch
 import ccsmerge
 from ccsmerge import MergeError
 from ccsmerge.config import METHODS, MergeConfig
+from ccsmerge.methods import REGISTRY
 from ccsmerge.merge import make_config  # the module (ccsmerge.merge the attribute is the function)
 import reference as R
 
@@ -174,14 +175,16 @@ def test_unknown_option_lists_valid_options():
         make_config(foo=1)
     message = str(info.value)
     assert "unknown option" in message
-    for field in MergeConfig.model_fields:
+    for field in ("method", "device", "allow_nonfinite", *REGISTRY["cart"].param_names):  # cart's options
         assert field in message, field
+    with pytest.raises(MergeError, match="unknown option; valid options for ties: .*density") as info:
+        make_config(method="ties", rank="4")
 
 
 def test_make_config_accepts_valid_options():
     cfg = make_config(method="ties", density=0.5, lam=0.25)
-    assert cfg.method == "ties" and cfg.density == 0.5 and cfg.scale == 0.25
-    assert make_config().scale == 2.0  # cart's default
+    assert cfg.method == "ties" and cfg.density == 0.5 and cfg.lam == 0.25
+    assert make_config().lam == 2.0  # cart's default
 
 
 def test_cuda_requested_without_gpu():

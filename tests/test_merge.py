@@ -195,9 +195,12 @@ def test_lowrank_include_and_exclude():
     assert kinds(lowrank_exclude=(".*",), lowrank_include=("q_proj",)) == {"layers.0.q_proj.weight"}
     # Include overrides the default excludes.
     assert kinds(lowrank_include=("lm_head",)) == {"layers.0.q_proj.weight", "layers.0.up_proj.weight", "lm_head.weight"}
-    # An explicit exclude list replaces the defaults.
-    assert kinds(lowrank_exclude=()) == set(names)
-    assert kinds(lowrank_exclude=("up_proj",)) == {"layers.0.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"}
+    # An exclude list adds to the default excludes (embeddings and lm_head stay out) ...
+    assert kinds(lowrank_exclude=()) == {"layers.0.q_proj.weight", "layers.0.up_proj.weight"}
+    assert kinds(lowrank_exclude=("up_proj",)) == {"layers.0.q_proj.weight"}
+    # ... and replacing the defaults is the explicit default_excludes=False.
+    assert kinds(default_excludes=False) == set(names)
+    assert kinds(default_excludes=False, lowrank_exclude=("up_proj",)) == set(names) - {"layers.0.up_proj.weight"}
     # Include matching a 1-D tensor's name does not make it low-rank.
     assert kinds(lowrank_include=("bias",)) == {"layers.0.q_proj.weight", "layers.0.up_proj.weight"}
 
@@ -357,7 +360,8 @@ def test_default_lam_per_method(method, expected_lam):
         # A fresh copy of the base per call: that merge leaves its inputs
         # alone is tested on its own (test_errors.py, test_merging_the_same_inputs_twice...).
         b = {k: v.clone() for k, v in base.items()}
-        return ccsmerge.merge(models, method, base=b, svd="exact", rank_ratio=0.25, **kw)
+        cart_options = dict(svd="exact", rank_ratio=0.25) if method == "cart" else {}
+        return ccsmerge.merge(models, method, base=b, **cart_options, **kw)
 
     default = run()
     explicit = run(lam=expected_lam)

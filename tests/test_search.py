@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ccsmerge
+import reference as R
 from ccsmerge import lowrank
 from ccsmerge.synthetic import decaying_matrix
 
@@ -58,12 +59,12 @@ def test_search_equals_brute_force(method):
     needs_base = method != "cart"
     grid = GRIDS[method]
     base_arg = base if needs_base else None
-    result = ccsmerge.search(models, evaluate, method, base=base_arg, svd="exact", device="cpu", **grid)
+    result = ccsmerge.search(models, evaluate, method, base=base_arg, **R.exact_svd(method), device="cpu", **grid)
     others = [values for axis, values in grid.items() if axis != "lam"]
     assert len(result.table) == len(grid["lam"]) * (len(others[0]) if others else 1)
     for row in result.table:
         setting = {k: v for k, v in row.items() if k != "score"}
-        merged = ccsmerge.merge(models, method, base=base if needs_base else None, svd="exact", device="cpu", **setting)
+        merged = ccsmerge.merge(models, method, base=base if needs_base else None, **R.exact_svd(method), device="cpu", **setting)
         assert row["score"] == pytest.approx(evaluate(merged), rel=1e-10), setting
     assert result.best_score == max(row["score"] for row in result.table)
     best_row = max(result.table, key=lambda row: row["score"])
@@ -73,13 +74,13 @@ def test_search_equals_brute_force(method):
 def test_cart_grid_computes_each_matrix_svd_once(monkeypatch):
     base, models = task_set(dtype=torch.float32)
     calls = []
-    real = lowrank.centered_randomized_svd
+    real = lowrank.randomized_svd_over_rows
 
-    def counting(xs, center, k, **kw):
+    def counting(rows, shape, spans, k, **kw):
         calls.append(k)
-        return real(xs, center, k, **kw)
+        return real(rows, shape, spans, k, **kw)
 
-    monkeypatch.setattr(ccsmerge.methods, "centered_randomized_svd", counting)
+    monkeypatch.setattr(ccsmerge.methods.cart, "randomized_svd_over_rows", counting)
     grid = dict(lam=[0.5, 1, 1.5, 2, 3], rank_ratio=[0.05, 0.1, 0.15, 0.2, 0.3])
     result = ccsmerge.search(models, make_evaluator(models[1]), "cart", device="cpu", **grid)
     assert len(result.table) == 25

@@ -8,6 +8,7 @@ import torch
 from checkpoints import load_output, toy_set, write_set
 
 import ccsmerge
+import reference as R
 from ccsmerge.cli import main
 
 FAMILY = ("tsv_m", "iso_c", "iso_cts")
@@ -79,7 +80,7 @@ def test_exact_family_matches_the_float64_references(T, m, n, lam):
         "iso_cts": ref_iso_cts(xs, base["w"], lam, 0.8),
     }
     for method in FAMILY:
-        merged = ccsmerge.merge(models, method, base=base, lam=lam, svd="exact", device="cpu")
+        merged = ccsmerge.merge(models, method, base=base, lam=lam, **R.exact_svd(method), device="cpu")
         torch.testing.assert_close(merged["w"], refs[method], rtol=1e-10, atol=1e-10, msg=method)
         bias = ref_mean_task_vector([sd["b"] for sd in models], base["b"], lam)
         torch.testing.assert_close(merged["b"], bias, rtol=1e-12, atol=1e-12, msg=method)

@@ -215,6 +215,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import ccsmerge
+    from ccsmerge.methods import REGISTRY
 
     from . import report
     from .model import MiniLM, load_tokenizer
@@ -306,11 +307,12 @@ def main(argv=None):
                 states.append(state)
                 return val_score(state)
 
+            seed = {"seed": args.seed} if REGISTRY[method].param("seed") else {}
             res = ccsmerge.search(tuned, keep_and_score, method=method, base=base if needs_base else None,
-                                  device="cpu", seed=args.seed, **GRIDS[method], **opts)
+                                  device="cpu", **seed, **GRIDS[method], **opts)
             # the reported model: a plain ccsmerge.merge at the setting chosen on validation
             merged = ccsmerge.merge(tuned, method=method, base=base if needs_base else None, device="cpu",
-                                    seed=args.seed, **res.best, **opts)
+                                    **seed, **res.best, **opts)
             results[key] = {"test": test_correct(merged), "val": res.best_score, "setting": res.best,
                             "method": method, "options": opts}
             searches[key] = res.table

@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 import ccsmerge
 from ccsmerge.checkpoint import Checkpoint
 from ccsmerge.cli import main as ccsmerge_cli
+from ccsmerge.config import METHOD_PARAMS
 from ccsmerge.merge import resolve_device
+from ccsmerge.methods import REGISTRY
 
 from .report import markdown_report, write_plots
 from .tasks import Suite
@@ -55,12 +57,7 @@ ROWS = (
     ("CART (randomized)", "cart", {"svd": "randomized"}),
     ("CART (exact SVD)", "cart", {"svd": "exact"}),
 )
-FLAGS = {
-    "lam": "--lam",
-    "rank_ratio": "--rank-ratio",
-    "density": "--density",
-    "common_space_fraction": "--common-space-fraction",
-}
+FLAGS = {name: p.flag for name, p in METHOD_PARAMS.items()}
 
 
 @dataclass
@@ -101,8 +98,9 @@ def select_settings(suite: Suite, models, base, grids, device: str) -> dict[str,
             test_means.append(sum(suite.accuracies(state, "test")) / len(suite.tasks))
             return sum(suite.accuracies(state, "val")) / len(suite.tasks)
 
+        seed = {"seed": suite.seed} if REGISTRY[method].param("seed") else {}
         result = ccsmerge.search(
-            models, evaluate, method, base if method != "cart" else None, device=device, seed=suite.seed, **grid
+            models, evaluate, method, base if method != "cart" else None, device=device, **seed, **grid
         )
         table = [{**row, "test": t} for row, t in zip(result.table, test_means)]
         chosen[method] = (result.best, table)
@@ -121,7 +119,9 @@ def merge_on_disk(
     for key, value in setting.items():
         args += [FLAGS[key], repr(value)]
     if "svd" in options:
-        args += ["--svd", options["svd"], "--seed", str(seed)]
+        args += ["--svd", options["svd"]]
+    if REGISTRY[method].param("seed"):
+        args += ["--seed", str(seed)]
     args += ["--device", device, "--out", str(out), "--overwrite", "--quiet"]
     if ccsmerge_cli(args) != 0:
         raise SystemExit(f"ccsmerge merge failed: {' '.join(args)}")

@@ -25,9 +25,11 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import BasePolicy, InputContract, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from ..config import DEFAULT_LAM
+from ..execute import merge_whole
 from ..merge import full_precision_matmuls, make_config
-from ..methods import METHODS
+from ..methods import REGISTRY, decide
+
+DEFAULT_LAM = {name: spec.param("lam").default for name, spec in REGISTRY.items() if spec.param("lam")}
 
 REFERENCES = {
     "cart": ("CART (ccsmerge)", "https://arxiv.org/abs/2412.12153"),
@@ -44,8 +46,9 @@ def _merge(group: TensorGroup, method: str, **options) -> torch.Tensor:
     if not xs[0].is_floating_point():
         return xs[0]
     cfg = make_config(method=method, device=str(xs[0].device), **options)
+    job = decide(group.metadata.name or "", tuple(xs[0].shape), xs[0].dtype, cfg, len(xs))
     with full_precision_matmuls():
-        return METHODS[method](group.metadata.name or "", xs, base, cfg)
+        return merge_whole(job, xs, base, xs[0].device)
 
 
 @merge_method(

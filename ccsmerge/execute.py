@@ -1,0 +1,66 @@
+"""The executor: runs each tensor's job (decided by the method's rule, in
+the plan or for an in-memory merge) with its treatment, whole or in row
+blocks, on the compute device, and checks the result in its output dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+
+from .methods import TensorJob, treatment_of
+from .methods.spec import RowSource
+from .numerics import all_finite, check_finite, compute_dtype, row_blocks
+
+
+def to_compute_device(
+    xs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The inputs (and base) on the compute device. Asynchronous copies only
+    towards a GPU, whose stream orders them before the kernels; a CPU consumer
+    would read a device-to-host copy unfinished."""
+    non_blocking = device.type == "cuda"
+    moved = [x.to(device, non_blocking=non_blocking) for x in xs]
+    return moved, (base.to(device, non_blocking=non_blocking) if base is not None else None)
+
+
+def _in_compute_dtype(job: TensorJob) -> TensorJob:
+    return dataclasses.replace(job, out_dtype=compute_dtype(job.dtype))
+
+
+def merge_whole(job: TensorJob, xs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device):
+    """The merged tensor, computed on `device` straight into job.out_dtype,
+    returned on the inputs' device."""
+    home = xs[0].device
+    on_device, base_on_device = to_compute_device(xs, base, device)
+    treatment = treatment_of(job)
+    merged = treatment.whole(job, on_device, base_on_device)
+    if job.treatment != "copied":
+        check_finite(
+            job.name, merged, on_device, base_on_device, allow=job.cfg.allow_nonfinite,
+            largest=lambda: float(treatment.whole(_in_compute_dtype(job), on_device, base_on_device).abs().max()),
+        )
+    return merged.to(home)
+
+
+def merge_rows(job: TensorJob, source: RowSource, block_rows: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The merged tensor's row blocks, in order, on the CPU, in job.out_dtype;
+    source(start, stop) gives rows of the inputs and base on the CPU."""
+    treatment = treatment_of(job)
+    spans = row_blocks(job.shape[0], block_rows)
+
+    def rows(start, stop):
+        xs, base = source(start, stop)
+        return to_compute_device(xs, base, device)
+
+    for (start, stop), block in zip(spans, treatment.blocks(job, rows, spans, device)):
+        if not job.cfg.allow_nonfinite and not all_finite(block):
+            xs, base = rows(start, stop)
+
+            def largest():  # the error path: the whole merge again in the compute dtype
+                blocks = treatment.blocks(_in_compute_dtype(job), rows, spans, device)
+                return max(float(b.abs().max()) for b in blocks)
+
+            check_finite(job.name, block, xs, base, largest=largest)
+        yield block.cpu()
