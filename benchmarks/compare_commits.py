@@ -46,6 +46,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from harness import fmt_seconds, log, median, table, write_results  # noqa: E402
+from machine import git_state  # noqa: E402
 from plots import load  # noqa: E402
 
 SIDES = ("old", "new")
@@ -87,11 +88,7 @@ def check_checkout(python: str, checkout: Path, device: str) -> str:
                  "build it in place first")
     if not (checkout / "benchmarks" / "bench_engine.py").is_file():
         sys.exit(f"{checkout}: no benchmarks/bench_engine.py")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
-                          check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return (head or "?") + ("+changes" if dirty else "")
+    return git_state(checkout) or "not a git checkout"
 
 
 def env_for(checkout: Path, threads: int | None) -> dict[str, str]:

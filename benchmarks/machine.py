@@ -141,9 +141,10 @@ def startup_warnings(info: dict, device: str, load: bool = True) -> list[str]:
     return [w for w in found if w]
 
 
-def git_state() -> str | None:
-    """The benchmarks' checkout commit, with "+changes" when the work tree differs from it."""
-    here = Path(__file__).resolve().parent
+def git_state(folder: Path | None = None) -> str | None:
+    """The commit of the checkout holding folder (default: these benchmarks), with "+changes"
+    when its work tree differs from it; None outside a git checkout."""
+    here = folder or Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
