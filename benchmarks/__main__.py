@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plots import make_plots
+from harness import median  # noqa: E402
+from plots import load, make_plots  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,16 +69,6 @@ def steps(args) -> list[tuple[str, list[str], str]]:
         plan.append(("CART speed against accuracy", [py, "cart_tradeoff.py", "--out", out], "cart_tradeoff.md"))
         plan.append(("Distributed merges", [py, "distributed.py", "--out", out], "distributed.md"))
     return plan
-
-
-def load(out: Path, name: str) -> dict | None:
-    path = out / name
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def lowrank_goal(engine: dict, device: str) -> tuple[str, str, str]:
@@ -185,12 +176,12 @@ def streaming_goals(streaming: dict) -> list[tuple[str, str, str]]:
 def goals(out: Path, device: str, preset: str, mergekit_ran: bool) -> list[tuple[str, str, str]]:
     """(goal, measured, met?) for what this run measured."""
     rows = []
-    engine = load(out, f"engine-{device}-{preset}.json")
+    engine = load(out / f"engine-{device}-{preset}.json")
     if engine and "d" in engine["parts"]:
         rows.append(lowrank_goal(engine, device))
     if engine and "a" in engine["parts"]:
         rows += cart_goals(engine)
-    versus = load(out, "vs_mergekit.json")
+    versus = load(out / "vs_mergekit.json")
     if versus and mergekit_ran:
         by = {(r["method"], r["tool"]): r["seconds"] for r in versus["rows"]}
         floor = by.get(("cat (the floor)", ""))
@@ -203,13 +194,13 @@ def goals(out: Path, device: str, preset: str, mergekit_ran: bool) -> list[tuple
     else:
         rows.append(("streaming average / task arithmetic: no slower than mergekit",
                      "not run: mergekit is not importable here (pass --mergekit-python)", "—"))
-    tradeoff = load(out, "cart_tradeoff.json")
+    tradeoff = load(out / "cart_tradeoff.json")
     if tradeoff:
         rows.append(tradeoff_goal(tradeoff))
-    streaming = load(out, "streaming.json")
+    streaming = load(out / "streaming.json")
     if streaming:
         rows += streaming_goals(streaming)
-    scaling = load(out, f"scaling{'' if preset == 'full' else '-quick'}.json")
+    scaling = load(out / f"scaling{'' if preset == 'full' else '-quick'}.json")
     if scaling:
         slope = scaling["slopes"]["rss_gb_per_input_gb"]
         sizes = [g for g, _, _ in scaling["by_input_size"]]
@@ -224,7 +215,7 @@ def goals(out: Path, device: str, preset: str, mergekit_ran: bool) -> list[tuple
 
 def machine_line(out: Path, device: str, preset: str) -> str:
     """The machine and its load, from the engine's results."""
-    engine = load(out, f"engine-{device}-{preset}.json")
+    engine = load(out / f"engine-{device}-{preset}.json")
     if not engine:
         return ""
     from machine import describe

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from harness import log, table
 from machine import describe, load_ccsmerge, machine_info
 
 ccsmerge = load_ccsmerge()
@@ -51,10 +52,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     settings = lambda k: [(10, 2), (10, 4), (k // 2, 4), (k, 2), (k, 4)]  # noqa: E731
-    header = "| m x n | T | decay | k | " + " | ".join(["p=10 q=2", "p=10 q=4", "p=k/2 q=4", "p=k q=2", "p=k q=4"]) + " |"
-    lines = [f"# Randomized vs exact CART update, float64\n\n{describe(machine_info(ccsmerge))}\n", header,
-             "|" + "---|" * 9]
-    print(header, flush=True)
+    headers = ["m x n", "T", "decay", "k", "p=10 q=2", "p=10 q=4", "p=k/2 q=4", "p=k q=2", "p=k q=4"]
+    log("| " + " | ".join(headers) + " |")
+    rows = []
     for m, n, T, decay, ratio in CASES:
         xs = task_set(m, n, T, decay)
         center = ops.mean(xs)
@@ -64,12 +64,13 @@ def main() -> None:
         for p, q in settings(k):
             approx = update(centered_randomized_svd(xs, center, k, oversample=p, power_iters=q))
             errors.append(float((approx - exact).norm() / exact.norm()))
-        line = f"| {m}x{n} | {T} | {decay} | {k} | " + " | ".join(f"{e:.2%}" for e in errors) + " |"
-        print(line, flush=True)
-        lines.append(line)
+        rows.append([f"{m}x{n}", T, decay, k, *(f"{e:.2%}" for e in errors)])
+        log("| " + " | ".join(map(str, rows[-1])) + " |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "accuracy_defaults.md").write_text("\n".join(lines) + "\n")
+        (args.out / "accuracy_defaults.md").write_text(
+            f"# Randomized vs exact CART update, float64\n\n{describe(machine_info(ccsmerge))}\n\n"
+            + table(headers, rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ shows what a faster setting costs in accuracy on these spectra.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import synthetic
+from harness import fmt_ratio, fmt_seconds, paired_ratio, table, time_interleaved, write_results
 from machine import describe, load_average, load_ccsmerge, machine_info
 from official_cart import official_cart, rank_for
-from timing import fmt_ratio, fmt_seconds, paired_ratio, time_interleaved
 
 ccsmerge = load_ccsmerge()
 RANK_RATIO = 0.08
@@ -37,7 +36,6 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     info = machine_info(ccsmerge)
     m = n = args.size
@@ -73,7 +71,6 @@ def main() -> None:
               "official": timings["official"].as_dict(), "rows": rows,
               "load_average": {"start": load_before, "end": load_average()},
               "seconds": time.perf_counter() - start}
-    (args.out / "cart_tradeoff.json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# CART speed against accuracy: {m}x{n} float32, T = {T}, rank 8 % (k = {k})\n",
         f"Machine: {describe(info)}. Load average at the start {load_before}, at the end {load_average()}; "
@@ -82,14 +79,11 @@ def main() -> None:
         f"{fmt_seconds(timings['official'].median)}; each setting was timed beside it in "
         f"{args.rounds} interleaved rounds. *update error*: ‖U − U_official‖_F / ‖U_official‖_F with "
         f"U = merged − θ_avg. The merge defaults are oversample = k, power_iters = 4.\n",
-        "| oversample | power_iters | time | speedup vs official | update error |",
-        "|---:|---:|---:|---:|---:|",
+        table(["oversample", "power_iters", "time", "speedup vs official", "update error"],
+              [[row["oversample"], row["power_iters"], fmt_seconds(row["time"]["median_s"]), fmt_ratio(row["speedup"]),
+                f"{row['update_error']:.2%}"] for row in rows], align="rrrrr"),
     ]
-    for row in rows:
-        lines.append(f"| {row['oversample']} | {row['power_iters']} | {fmt_seconds(row['time']['median_s'])} | "
-                     f"{fmt_ratio(row['speedup'])} | {row['update_error']:.2%} |")
-    (args.out / "cart_tradeoff.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "cart_tradeoff", result, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":

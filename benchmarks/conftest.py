@@ -3,13 +3,13 @@ the machine they ran on, to DIR/ops-<devices>.json and .md."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import machine
+from harness import table, write_results
 
 
 def pytest_addoption(parser):
@@ -39,15 +39,13 @@ def _rows(benchmarks) -> list[dict]:
 
 
 def _markdown(info: dict, rows: list[dict]) -> str:
-    lines = ["# ccsmerge op micro-benchmarks", "", f"Machine: {machine.describe(info)}", ""]
     fastest: dict[str, float] = {}
     for r in rows:
         fastest.setdefault(r["group"], r["median_s"])
-    lines += ["| group | test | median | min | max | rounds | vs fastest |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['group']} | {r['name']} | {r['median_s'] * 1e3:.3f} ms | {r['min_s'] * 1e3:.3f} ms | "
-                     f"{r['max_s'] * 1e3:.3f} ms | {r['rounds']} | {r['median_s'] / fastest[r['group']]:.2f}x |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["group"], r["name"], f"{r['median_s'] * 1e3:.3f} ms", f"{r['min_s'] * 1e3:.3f} ms",
+              f"{r['max_s'] * 1e3:.3f} ms", r["rounds"], f"{r['median_s'] / fastest[r['group']]:.2f}x"] for r in rows]
+    return "\n".join(["# ccsmerge op micro-benchmarks", "", f"Machine: {machine.describe(info)}", "",
+                      table(["group", "test", "median", "min", "max", "rounds", "vs fastest"], cells)])
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -58,6 +56,4 @@ def pytest_sessionfinish(session, exitstatus):
     info = _machine()
     rows = _rows(bench_session.benchmarks)
     stem = "ops-" + ("cpu-cuda" if torch.cuda.is_available() else "cpu")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "benchmarks": rows}, indent=1, default=str))
-    (out / f"{stem}.md").write_text(_markdown(info, rows))
+    write_results(out, stem, {"machine": info, "benchmarks": rows}, _markdown(info, rows))

@@ -10,19 +10,17 @@ output is checked byte-identical to the single-process one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import log, table, time_command, upper_median, write_results  # noqa: E402
 from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
 from outputs import max_relative_difference  # noqa: E402
 
@@ -44,12 +42,6 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def timed(command: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -61,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     ccsmerge = load_ccsmerge()
     info = machine_info(ccsmerge)
-    print(describe(info))
+    log(describe(info))
     cores = info["cpu_affinity"] or 1
     procs = [int(p) for p in args.procs.split(",")]
 
@@ -77,7 +69,7 @@ def main() -> None:
             out = work / "single"
             shutil.rmtree(out, ignore_errors=True)
             runs.setdefault("1 process (no torchrun)", []).append(
-                timed([sys.executable, "-m", "ccsmerge", "merge", "--out", str(out), *common], dict(os.environ))
+                time_command([sys.executable, "-m", "ccsmerge", "merge", "--out", str(out), *common], dict(os.environ))
             )
             reference = reference or files(out)
             for n in procs:
@@ -87,7 +79,7 @@ def main() -> None:
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
                 command += ["-m", "ccsmerge", "merge", "--distributed", "--out", str(out), *common]
                 label = f"torchrun, {n} process(es) x {max(1, cores // n)} threads"
-                runs.setdefault(label, []).append(timed(command, env))
+                runs.setdefault(label, []).append(time_command(command, env))
                 same = files(out) == reference
                 identical.setdefault(label, []).append(same)
                 if not same and max_relative_difference(out, work / "single") > 1e-4:
@@ -95,10 +87,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    single = sorted(runs["1 process (no torchrun)"])[len(runs["1 process (no torchrun)"]) // 2]
+    single = upper_median(runs["1 process (no torchrun)"])
     rows = []
     for label, times in runs.items():
-        median = sorted(times)[len(times) // 2]
+        median = upper_median(times)
         same = identical.get(label)
         bytes_note = "reference" if same is None else ("yes" if all(same) else "no (float rounding)")
         rows.append((label, median, min(times), max(times), single / median, bytes_note))
@@ -112,8 +104,6 @@ def main() -> None:
             dict(zip(("run", "median_s", "min_s", "max_s", "speedup_vs_single", "byte_identical"), r)) for r in rows
         ],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Distributed merges: wall time against processes",
         "",
@@ -125,12 +115,10 @@ def main() -> None:
         "threads as it had (the BLAS's summation order depends on its threads); otherwise they agree to "
         "float rounding (checked: relative difference below 1e-4).",
         "",
-        "| run | median s | min-max s | speedup vs 1 process | byte-identical |",
-        "|---|---|---|---|---|",
+        table(["run", "median s", "min-max s", "speedup vs 1 process", "byte-identical"],
+              [[r[0], f"{r[1]:.2f}", f"{r[2]:.2f}-{r[3]:.2f}", f"{r[4]:.2f}x", r[5]] for r in rows]),
     ]
-    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f}-{r[3]:.2f} | {r[4]:.2f}x | {r[5]} |" for r in rows]
-    (args.out / "distributed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "distributed", result, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ against `--max-gpu-memory`, and the host's peak RSS.
     python -m benchmarks.gpu_streaming --out DIR [--device cuda] [--size 4] [--models 8]
         [--methods average,cart] [--max-gpu-memory default,tight] [--max-memory 4GB] [--rounds 2] [--quick] [--keep]
 
-Inputs: streaming.py's synthetic checkpoints (T bf16 models, sharded Hugging Face
-folders, a Llama-like layer stack after one embedding) of --size GB in all
-(GB = 10^9 bytes), cached under --cache.
+Inputs: the synthetic checkpoints of streaming.py (synthetic_checkpoints.py: T bf16
+models, sharded Hugging Face folders, a Llama-like layer stack after one embedding)
+of --size GB in all (GB = 10^9 bytes), cached under --cache.
 
 For every method, GPU budget and round, in turn: `ccsmerge merge --device D
 --max-memory M [--max-gpu-memory G] --quiet` with and without `--no-overlap`, each
@@ -35,10 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import shutil
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -48,11 +44,12 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import streaming as streaming_bench  # benchmarks/streaming.py: inputs, RSS sampling, cat
+from harness import fmt_gb, log, median, table, write_results  # noqa: E402
+from machine import git_state, startup_warnings  # noqa: E402
+from merge_process import cat, measure_cli, remove_output, report, run_child  # noqa: E402
+from synthetic_checkpoints import Layout, generate, remove_generated, size_label  # noqa: E402
 
 CHILD = "_gpu_merge_child"
-RESULT_MARKER = "@@gpu-streaming-result@@ "
-GB = 10**9
 
 
 # --------------------------------------------------------------------------- the child: one merge, measured
@@ -100,7 +97,7 @@ def child_main(argv: list[str]) -> int:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
         gpu_before = torch.cuda.memory_allocated()
-    result = {"plan": plan, **streaming_bench.measure_cli(argv, torch.cuda.synchronize if on_gpu else None)}
+    result = {"plan": plan, **measure_cli(argv, torch.cuda.synchronize if on_gpu else None)}
     rc = result["rc"]
     if on_gpu:
         result.update(
@@ -108,7 +105,7 @@ def child_main(argv: list[str]) -> int:
             gpu_peak_allocated=torch.cuda.max_memory_allocated(),
             gpu_peak_reserved=torch.cuda.max_memory_reserved(),
         )
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    report(result)
     return rc
 
 
@@ -129,8 +126,8 @@ def output_digest(folder: Path) -> str | None:
 
 def run_merge(entry: dict, out: Path, *, method: str, device: str, max_memory: str, max_gpu_memory: str | None,
               overlap: bool, timeout: float) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    warm_s = streaming_bench.cat(entry["files"])
+    remove_output(out)
+    warm_s = cat(entry["files"])
     argv = ["merge", "--method", method, "--device", device, "--max-memory", max_memory, "--out", str(out), "--quiet"]
     if max_gpu_memory is not None:
         argv += ["--max-gpu-memory", max_gpu_memory]
@@ -140,22 +137,10 @@ def run_merge(entry: dict, out: Path, *, method: str, device: str, max_memory: s
         argv += ["--model", m]
     cmd = [sys.executable, str(Path(__file__).resolve()), CHILD, *argv]
     run = {"method": method, "overlap": overlap, "max_gpu_memory": max_gpu_memory or "default", "warm_s": warm_s}
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        run["error"] = f"timed out after {timeout:.0f} s"
-        return run
-    run["process_s"] = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
-    if lines:
-        run.update(json.loads(lines[-1][len(RESULT_MARKER):]))
-    if proc.returncode != 0 or not lines:
-        run["error"] = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    else:
+    run.update(run_child(cmd, timeout))
+    if "error" not in run:
         run["digest"] = output_digest(out)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.parent / f".{out.name}.ccsmerge-partial", ignore_errors=True)
+    remove_output(out)
     return run
 
 
@@ -179,14 +164,6 @@ def tight_budget(entry: dict, method: str, device: str, max_memory: str) -> int:
         except MergeError:
             low = mid
     return (high + DEVICE_RESERVE + biggest) // 2
-
-
-def gb(x: float | None) -> str:
-    return "-" if x is None else f"{x / GB:.2f}"
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
 
 
 def summarize(runs: list[dict]) -> dict | None:
@@ -223,7 +200,7 @@ def rows(results: dict) -> list[list]:
         else:
             plan_text = plan.get("refused") or f"{plan['blocked']}/{plan['tensors']} in row blocks"
             if plan.get("gpu_budget"):
-                plan_text += f", GPU budget {gb(plan['gpu_budget'])} GB"
+                plan_text += f", GPU budget {fmt_gb(plan['gpu_budget'])} GB"
         for overlap in (True, False):
             s = both[overlap]
             if s is None:
@@ -237,21 +214,20 @@ def rows(results: dict) -> list[list]:
             peak = s["gpu_peak_allocated"]
             within = {None: "-", True: "yes", False: "NO"}[s["within_budget"]]
             out.append([config["method"], config["max_gpu_memory"], "overlap" if overlap else "sequential",
-                        f"{s['merge_s']:.2f}", gain, gb(peak), gb(s["gpu_peak_reserved"]), within,
-                        gb(s["rss_over_baseline"]), gb(s["anon_over_baseline"]), same, plan_text])
+                        f"{s['merge_s']:.2f}", gain, fmt_gb(peak), fmt_gb(s["gpu_peak_reserved"]), within,
+                        fmt_gb(s["rss_over_baseline"]), fmt_gb(s["anon_over_baseline"]), same, plan_text])
     return out
 
 
-def write_results(results: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_streaming.json").write_text(json.dumps(results, indent=1))
-    main_table = streaming_bench.table(HEADERS, rows(results))
+def save(results: dict, out: Path) -> str:
+    """out/gpu_streaming.json (everything) and out/gpu_streaming.md (the table); returns the table."""
+    main_table = table(HEADERS, rows(results))
     cfg = results["config"]
     md = [
         "# Streaming merges on a GPU", "",
         f"Machine: {results['describe']}", "",
         (
-            f"Inputs: {cfg['layout']['models']} bf16 models, {gb(results['input_bytes'])} GB in all "
+            f"Inputs: {cfg['layout']['models']} bf16 models, {fmt_gb(results['input_bytes'])} GB in all "
             f"(d={cfg['layout']['d_model']}, d_ff={cfg['layout']['d_ff']}, vocab={cfg['layout']['vocab']}); "
             f"`ccsmerge merge --device {cfg['device']} --max-memory {cfg['max_memory']}`, each merge in a fresh "
             f"process after a `cat` of the inputs; {cfg['rounds']} round(s)."
@@ -266,7 +242,7 @@ def write_results(results: dict, out: Path) -> str:
          "memory-mapped inputs included); anon: the sampled RssAnon peak over its baseline; same bytes: every "
          "output of the configuration hashed alike; plan: tensors the planner puts in row blocks."), "",
     ]
-    (out / "gpu_streaming.md").write_text("\n".join(md))
+    write_results(out, "gpu_streaming", results, "\n".join(md))
     return main_table
 
 
@@ -299,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from machine import check_extension, describe, load_ccsmerge, machine_info
+    from machine import describe, load_ccsmerge, machine_info
 
     ccsmerge = load_ccsmerge()
     import torch
@@ -311,16 +287,16 @@ def main(argv=None) -> int:
         print("no CUDA device is available: run with --device cpu to check the script", file=sys.stderr)
         return 2
     info = machine_info(ccsmerge)
-    streaming_bench.log(describe(info))
-    warnings = [w for w in [check_extension(info, args.device)] if w]
+    log(describe(info))
+    warnings = startup_warnings(info, args.device, load=False)
     for w in warnings:
-        streaming_bench.log(w)
-    layout = replace(streaming_bench.Layout(), models=args.models)
+        log(w)
+    layout = replace(Layout(), models=args.models)
     if args.quick:
         layout = replace(layout, d_model=256, d_ff=688, vocab=4000, shard_bytes=4 * 10**6)
     budgets = [b.strip() for b in args.max_gpu_memory.split(",") if b.strip()] if on_gpu else ["default"]
     results = {
-        "machine": info, "describe": describe(info), "warnings": warnings, "git": streaming_bench.git_state(),
+        "machine": info, "describe": describe(info), "warnings": warnings, "git": git_state(),
         "config": {"device": args.device, "size_gb": args.size, "methods": args.methods.split(","),
                    "max_memory": args.max_memory, "gpu_budgets": budgets, "rounds": args.rounds,
                    "layout": asdict(layout)},
@@ -328,8 +304,8 @@ def main(argv=None) -> int:
     }
     start = time.perf_counter()
     try:
-        manifest = streaming_bench.generate(layout, [args.size], args.cache)
-        entry = manifest["sizes"][streaming_bench.size_label(args.size)]
+        manifest = generate(layout, [args.size], args.cache)
+        entry = manifest["sizes"][size_label(args.size)]
         results["input_bytes"] = entry["input_bytes"]
         out = Path(manifest["folder"]) / "merged"
         for method in results["config"]["methods"]:
@@ -337,7 +313,7 @@ def main(argv=None) -> int:
                 max_gpu_memory = None if budget == "default" else budget
                 if budget == "tight":
                     max_gpu_memory = str(tight_budget(entry, method, args.device, args.max_memory))
-                    budget = f"tight ({gb(int(max_gpu_memory))} GB)"
+                    budget = f"tight ({fmt_gb(int(max_gpu_memory))} GB)"
                 elif max_gpu_memory is not None:
                     parse_size(max_gpu_memory)  # a typo fails here, not in every child
                 config = {"method": method, "max_gpu_memory": budget, "runs": []}
@@ -349,23 +325,22 @@ def main(argv=None) -> int:
                         config["runs"].append(run)
                         what = f"[{method} gpu-budget={budget} {'overlap' if overlap else 'sequential'} r{r + 1}]"
                         if "error" in run:
-                            streaming_bench.log(f"{what} FAILED: {run['error']}")
+                            log(f"{what} FAILED: {run['error']}")
                         else:
-                            streaming_bench.log(
-                                f"{what} {run['merge_s']:.2f} s, RSS +{gb(run['peak_rss'] - run['baseline_rss'])} GB"
-                                + (f", GPU peak {gb(run['gpu_peak_allocated'])} GB" if on_gpu else "")
+                            log(
+                                f"{what} {run['merge_s']:.2f} s, RSS +{fmt_gb(run['peak_rss'] - run['baseline_rss'])} GB"
+                                + (f", GPU peak {fmt_gb(run['gpu_peak_allocated'])} GB" if on_gpu else "")
                             )
                 results["configs"].append(config)
-                write_results(results, args.out)
+                save(results, args.out)
     finally:
         if not args.keep:
-            for folder in streaming_bench.INPUT_FOLDERS:
-                shutil.rmtree(folder, ignore_errors=True)
+            remove_generated()
     results["wall_s"] = time.perf_counter() - start
-    main_table = write_results(results, args.out)
-    streaming_bench.log("")
-    streaming_bench.log(main_table)
-    streaming_bench.log(f"\ntotal wall time {results['wall_s']:.0f} s; results: {args.out / 'gpu_streaming.md'}")
+    main_table = save(results, args.out)
+    log("")
+    log(main_table)
+    log(f"\ntotal wall time {results['wall_s']:.0f} s; results: {args.out / 'gpu_streaming.md'}")
     failed = any("error" in r for c in results["configs"] for r in c["runs"])
     differ = any(len({r.get("digest") for r in c["runs"] if "error" not in r}) > 1 for c in results["configs"])
     over = any(row[7] == "NO" for row in rows(results))

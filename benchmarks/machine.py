@@ -1,4 +1,4 @@
-"""What the benchmarks ran on, and how ccsmerge is imported."""
+"""What the benchmarks ran on (machine, load, checkout), and how ccsmerge is imported."""
 
 from __future__ import annotations
 
@@ -132,3 +132,24 @@ def check_extension(info: dict, device: str) -> str | None:
         return (f"WARNING: ccsmerge has no compiled {device} kernels "
                 f"({build['extension_error'] or 'built without them'}): timing the PyTorch fallback")
     return None
+
+
+def startup_warnings(info: dict, device: str, load: bool = True) -> list[str]:
+    """What a timing run warns about before it starts: no compiled kernels for device,
+    and (with load) other work already running on the CPU."""
+    found = [check_extension(info, device)] + ([check_load(info["cpu_affinity"])] if load else [])
+    return [w for w in found if w]
+
+
+def git_state(folder: Path | None = None) -> str | None:
+    """The commit of the checkout holding folder (default: these benchmarks), with "+changes"
+    when its work tree differs from it; None outside a git checkout."""
+    here = folder or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")

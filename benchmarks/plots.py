@@ -29,6 +29,18 @@ HEADLINE_RATIO = 0.08
 EXACT = "torch.linalg.svd"
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def save(fig, out: Path, name: str) -> str:
     """Write one plot into `out` and close it; returns its file name for the report."""
     import matplotlib.pyplot as plt
@@ -215,12 +227,8 @@ CAPTIONS = {
 
 
 def make_plots(out: Path, device: str = "cpu", preset: str = "quick") -> list[tuple[str, str]]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed: no plots")
         return []
     engine = load(out / f"engine-{device}-{preset}.json")

@@ -20,7 +20,6 @@ so this is where the oversampling and power-iteration defaults earn their keep.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import table, write_results  # noqa: E402
 from machine import describe, load_ccsmerge, machine_info  # noqa: E402
 
 RANK_RATIOS = (0.04, 0.08, 0.12, 0.32)
@@ -86,8 +86,11 @@ def markdown(rows: list[dict], machine: str, seconds: float) -> str:
         "*energy kept*: mean share of ‖D_t‖² in its top k singular values. p: oversampling (the default",
         "is max(10, k)); q: power iterations (the default is 4).",
         "",
-        "| tensor | shape | rank ratio (k) | energy kept | p | q | task error | update error |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        table(["tensor", "shape", "rank ratio (k)", "energy kept", "p", "q", "task error", "update error"],
+              [[r["tensor"], f"{r['shape'][0]}×{r['shape'][1]}", f"{r['rank_ratio']:g} ({r['k']})",
+                f"{100 * r['energy_kept']:.0f} %", r["oversample"], r["power_iters"],
+                f"{r['worst_task_error_ratio']:.4f}", f"{100 * r['update_relative_error']:.2f} %"] for r in rows],
+              align="lllrrrrr"),
     ]
     defaults = [r for r in rows if r["power_iters"] == 4 and r["oversample"] == max(10, r["k"])]
     if defaults:
@@ -99,12 +102,6 @@ def markdown(rows: list[dict], machine: str, seconds: float) -> str:
             ),
             "",
         ]
-    for r in rows:
-        lines.append(
-            f"| {r['tensor']} | {r['shape'][0]}×{r['shape'][1]} | {r['rank_ratio']:g} ({r['k']}) | "
-            f"{100 * r['energy_kept']:.0f} % | {r['oversample']} | {r['power_iters']} | "
-            f"{r['worst_task_error_ratio']:.4f} | {100 * r['update_relative_error']:.2f} % |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -126,12 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                         continue  # the default is already 10
                     rows.append(measure(name, xs, ratio, q, p))
     seconds = time.perf_counter() - started
-    text = markdown(rows, machine, seconds)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    (args.out / f"real_task_vectors{suffix}.md").write_text(text)
-    (args.out / f"real_task_vectors{suffix}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    write_results(args.out, "real_task_vectors" + ("-quick" if args.quick else ""), {"machine": machine, "rows": rows},
+                  markdown(rows, machine, seconds), echo=True)
 
 
 if __name__ == "__main__":

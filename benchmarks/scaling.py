@@ -8,20 +8,20 @@ power law (time ∝ x^slope) and reported with its slope.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, load_average, load_ccsmerge, machine_info
+from harness import log, table, time_command_rss, time_fn, upper_median, write_results  # noqa: E402
+from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
+from plots import pyplot  # noqa: E402
 
 
 def fit_power_law(xs: list[float], ys: list[float]) -> float:
@@ -37,12 +37,8 @@ def fit_line(xs: list[float], ys: list[float]) -> float:
 
 
 def median_time(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    """Wall seconds of fn, over rounds (the upper median: with 2 rounds, the slower)."""
+    return upper_median(time_fn(fn, "cpu", warmup=0, repeats=rounds).samples)
 
 
 def task_models(T: int, size: int, seed: int = 0) -> list[dict]:
@@ -68,14 +64,6 @@ def streaming_inputs(root: Path, gb: float, models: int = 4) -> list[Path]:
     return paths
 
 
-def timed_rss(command: list[str]) -> tuple[float, float]:
-    start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], check=False, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-2000:])
-    return time.perf_counter() - start, int(result.stderr.strip().splitlines()[-1]) * 1024 / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -83,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     ccsmerge = load_ccsmerge()
     info = machine_info(ccsmerge)
-    print(describe(info))
+    log(describe(info))
     size = 512 if args.quick else 1024
     rounds = 1 if args.quick else 2
     counts = [3, 4, 8, 12, 16, 20] if not args.quick else [3, 6, 12]  # T = 2 is the plain average
@@ -114,7 +102,7 @@ def main() -> None:
             files = " ".join(str(p / "model.safetensors") for p in paths)
             subprocess.run(["bash", "-c", f"cat {files} > /dev/null"], check=True)  # a warm page cache
             shutil.rmtree(out, ignore_errors=True)
-            seconds, rss = timed_rss(command)
+            seconds, rss = time_command_rss(command)
             by_size.append((real_gb, seconds, rss))
             print("size", by_size[-1])
             shutil.rmtree(work / f"{gb}GB", ignore_errors=True)
@@ -130,9 +118,7 @@ def main() -> None:
     }
     result = {"machine": info, "load_average": load_average(), "size": size, "by_T": by_t, "by_rank_ratio": by_rank,
               "by_input_size": by_size, "slopes": slopes}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "scaling-quick" if args.quick else "scaling"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     lines = [
         "# Scaling: time and memory against T, the rank ratio and the input size",
         "",
@@ -140,50 +126,39 @@ def main() -> None:
         "",
         f"CART of one fp32 {size} x {size} weight, defaults (median of {rounds}); slope: time ∝ T^slope.",
         "",
-        "| T | " + " | ".join(str(t) for t, _ in by_t) + " | slope |",
-        "|---|" + "---|" * (len(by_t) + 1),
-        "| s | " + " | ".join(f"{s:.3f}" for _, s in by_t) + f" | {slopes['time_vs_T']:.2f} |",
+        table(["T", *(str(t) for t, _ in by_t), "slope"],
+              [["s", *(f"{s:.3f}" for _, s in by_t), f"{slopes['time_vs_T']:.2f}"]]),
         "",
         f"CART, T = 8, one {size} x {size} weight, against the rank ratio; time ∝ ratio^slope.",
         "",
-        "| rank ratio | " + " | ".join(str(r) for r, _ in by_rank) + " | slope |",
-        "|---|" + "---|" * (len(by_rank) + 1),
-        "| s | " + " | ".join(f"{s:.3f}" for _, s in by_rank) + f" | {slopes['time_vs_rank_ratio']:.2f} |",
+        table(["rank ratio", *(str(r) for r, _ in by_rank), "slope"],
+              [["s", *(f"{s:.3f}" for _, s in by_rank), f"{slopes['time_vs_rank_ratio']:.2f}"]]),
         "",
         ("`ccsmerge merge --method average --max-memory 256MB`, 4 bf16 models of 2048 x 2048 matrices, warm page "
-        "cache, a fresh process each (startup included)."),
+         "cache, a fresh process each (startup included)."),
         "",
-        "| input GB | seconds | peak RSS GB |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {g:.2f} | {s:.2f} | {r:.2f} |" for g, s, r in by_size]
-    lines += [
+        table(["input GB", "seconds", "peak RSS GB"], [[f"{g:.2f}", f"{s:.2f}", f"{r:.2f}"] for g, s, r in by_size]),
         "",
         (f"Slopes: time ∝ size^{slopes['time_vs_input_size']:.2f} ({slopes['seconds_per_gb']:.2f} s per GB); "
-        f"peak RSS grows {slopes['rss_gb_per_input_gb'] * 1000:.0f} MB per GB of input."),
+         f"peak RSS grows {slopes['rss_gb_per_input_gb'] * 1000:.0f} MB per GB of input."),
     ]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        axes[0].loglog([t for t, _ in by_t], [s for _, s in by_t], "o-")
-        axes[0].set(xlabel="T (models)", ylabel="seconds", title=f"CART, {size}², slope {slopes['time_vs_T']:.2f}")
-        axes[1].loglog([r for r, _ in by_rank], [s for _, s in by_rank], "o-")
-        title = f"CART, T = 8, slope {slopes['time_vs_rank_ratio']:.2f}"
-        axes[1].set(xlabel="rank ratio", ylabel="seconds", title=title)
-        axes[2].plot([g for g, _, _ in by_size], [r for _, _, r in by_size], "o-", label="peak RSS GB")
-        axes[2].plot([g for g, _, _ in by_size], [s for _, s, _ in by_size], "s-", label="seconds")
-        axes[2].set(xlabel="input GB", title="streaming average, --max-memory 256MB")
-        axes[2].legend()
-        fig.tight_layout()
-        fig.savefig(args.out / f"{stem}.png", dpi=110)
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    write_results(args.out, stem, result, "\n".join(lines), echo=True)
+    plt = pyplot()
+    if plt is None:
+        log("matplotlib is not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].loglog([t for t, _ in by_t], [s for _, s in by_t], "o-")
+    axes[0].set(xlabel="T (models)", ylabel="seconds", title=f"CART, {size}², slope {slopes['time_vs_T']:.2f}")
+    axes[1].loglog([r for r, _ in by_rank], [s for _, s in by_rank], "o-")
+    title = f"CART, T = 8, slope {slopes['time_vs_rank_ratio']:.2f}"
+    axes[1].set(xlabel="rank ratio", ylabel="seconds", title=title)
+    axes[2].plot([g for g, _, _ in by_size], [r for _, _, r in by_size], "o-", label="peak RSS GB")
+    axes[2].plot([g for g, _, _ in by_size], [s for _, s, _ in by_size], "s-", label="seconds")
+    axes[2].set(xlabel="input GB", title="streaming average, --max-memory 256MB")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(args.out / f"{stem}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,18 @@ Then `--method cart` (defaults) on one size (--cart-size): on the same inputs fi
 on inputs of the same total size built from smaller matrices (d = 2048, d_ff = 5504,
 a 32000-row embedding), and the table says so.
 
-Each merge runs in a child process that imports ccsmerge, records its RSS
-(the baseline), runs ccsmerge.cli.main, samples /proc/self/status every 10 ms
+Each merge runs in a child process (merge_process.py) that imports ccsmerge, records
+its RSS (the baseline), runs ccsmerge.cli.main, samples /proc/self/status every 10 ms
 (RssAnon: allocated memory; RssFile: pages of memory-mapped files, inputs
 included) and reports getrusage's ru_maxrss (the peak RSS). Reported: peak RSS,
 baseline, peak minus baseline, the sampled anon/file peaks, wall time of the merge
 (ccsmerge.cli.main) and of the whole process, CPU time. fincore records how much
 of the inputs was in the page cache before each timed step.
 
-Generated inputs are cached under --cache (default /tmp/ccsmerge-bench-streaming);
-the sizes share their shard files (hard links: a smaller size's models are the
-first shards of the largest size's). They are deleted at the end unless --keep.
+The inputs (synthetic_checkpoints.py) are cached under --cache (default
+/tmp/ccsmerge-bench-streaming); the sizes share their shard files (hard links: a
+smaller size's models are the first shards of the largest size's). They are deleted
+at the end unless --keep.
 
 Writes DIR/streaming.json (machine, configuration, every sample), DIR/streaming.md
 (tables) and, with matplotlib, DIR/streaming.png (peak RSS over baseline against the
@@ -40,327 +41,42 @@ input size).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
-import threading
 import time
-import zlib
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CHILD = "_merge_child"  # argv[1] of the child processes
-RESULT_MARKER = "@@streaming-result@@ "
-GB = 10**9
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from harness import GB, fmt_gb, log, median, table, write_results  # noqa: E402
+from machine import describe, git_state, load_average, load_ccsmerge, machine_info, startup_warnings  # noqa: E402
+from merge_process import (  # noqa: E402
+    cat,
+    child_command,
+    remove_output,
+    resident_fraction,
+    run_child,
+    timed_cat,
+    timed_write,
+)
+from plots import pyplot  # noqa: E402
+from synthetic_checkpoints import Layout, generate, remove_generated, size_label  # noqa: E402
+
 GOAL_OVER_BASELINE = 1.2 * GB  # peak RSS over the baseline, at --max-memory 1GB
 GOAL_RATIO = 1.3  # merge wall time / time to read the inputs once
-INPUT_FOLDERS: list[Path] = []  # what generate() made or reused in this run, deleted at the end unless --keep
-
-
-# --------------------------------------------------------------------------- the child: one merge, measured
-
-
-def proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class RssSampler(threading.Thread):
-    """Peaks of RssAnon, RssFile and VmRSS, sampled every `interval` seconds."""
-
-    def __init__(self, interval: float = 0.01):
-        super().__init__(name="rss-sampler", daemon=True)
-        self.interval = interval
-        self.peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-        self.samples = 0
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.is_set():
-            status = proc_status()
-            for key in self.peaks:
-                self.peaks[key] = max(self.peaks[key], status[key])
-            self.samples += 1
-            self._done.wait(self.interval)
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
-
-
-def measure_cli(argv: list[str], finish=None) -> dict:
-    """Run `ccsmerge <argv>` in this process: exit code, wall and CPU time, baseline and peak RSS.
-    finish() (e.g. a CUDA synchronize) runs before the clock stops."""
-    import ccsmerge.cli
-
-    baseline = proc_status()
-    sampler = RssSampler()
-    sampler.start()
-    cpu0 = os.times()
-    t0 = time.perf_counter()
-    rc = ccsmerge.cli.main(argv)
-    if finish is not None:
-        finish()
-    wall = time.perf_counter() - t0
-    cpu1 = os.times()
-    sampler.stop()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {
-        "rc": rc,
-        "merge_s": wall,
-        "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
-        "baseline_rss": baseline["VmRSS"],
-        "baseline_anon": baseline["RssAnon"],
-        "baseline_file": baseline["RssFile"],
-        "peak_rss": usage.ru_maxrss * 1024,  # KiB on Linux
-        "sampled_peak_rss": sampler.peaks["VmRSS"],
-        "sampled_peak_anon": sampler.peaks["RssAnon"],
-        "sampled_peak_file": sampler.peaks["RssFile"],
-        "samples": sampler.samples,
-        "major_faults": usage.ru_majflt,
-        "minor_faults": usage.ru_minflt,
-    }
-
-
-def child_main(argv: list[str]) -> int:
-    """Import ccsmerge, record the baseline RSS, run `ccsmerge <argv>`, print the measurements."""
-    sys.path.insert(0, str(HERE))
-    from machine import load_ccsmerge
-
-    load_ccsmerge()
-    import ccsmerge.cli
-    import ccsmerge.streaming  # noqa: F401  (imported by cli.main: part of the baseline)
-
-    result = measure_cli(argv)
-    print(RESULT_MARKER + json.dumps(result), flush=True)
-    return result["rc"]
-
-
-# --------------------------------------------------------------------------- synthetic checkpoints
-
-
-@dataclass(frozen=True)
-class Layout:
-    """T models of a Llama-like layer stack, in bf16."""
-
-    models: int = 8
-    d_model: int = 4096
-    d_ff: int = 11008
-    vocab: int = 16000
-    shard_bytes: int = 200 * 10**6  # input shards (tensors are not split)
-    seed: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"T{self.models}-d{self.d_model}-ff{self.d_ff}-v{self.vocab}"
-
-    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        d, ff = self.d_model, self.d_ff
-        yield "model.embed_tokens.weight", (self.vocab, d)
-        layer = 0
-        while True:
-            p = f"model.layers.{layer}."
-            yield p + "input_layernorm.weight", (d,)
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                yield p + f"self_attn.{proj}.weight", (d, d)
-            yield p + "post_attention_layernorm.weight", (d,)
-            yield p + "mlp.gate_proj.weight", (ff, d)
-            yield p + "mlp.up_proj.weight", (ff, d)
-            yield p + "mlp.down_proj.weight", (d, ff)
-            layer += 1
-
-    def prefix(self, total_bytes: float) -> list[tuple[str, tuple[int, ...]]]:
-        """The first tensors of the stack whose T copies come closest to total_bytes."""
-        target = total_bytes / self.models
-        chosen: list[tuple[str, tuple[int, ...]]] = []
-        size = 0
-        for name, shape in self.tensors():
-            nbytes = numel(shape) * 2
-            if chosen and size + nbytes > target and (size + nbytes - target) >= (target - size):
-                return chosen
-            chosen.append((name, shape))
-            size += nbytes
-            if size >= target:
-                return chosen
-        raise AssertionError("unreachable")
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def size_label(size_gb: float) -> str:
-    return f"{size_gb:g}GB"
-
-
-def _model_tensor(torch, base, pool, t: int, shape) -> object:
-    """Model t's tensor: the shared base plus a window of the shared noise pool (cheap, different per model)."""
-    n = base.numel()
-    offset = 7919 * t
-    return torch.add(base, pool[offset : offset + n], alpha=1.0).view(shape).contiguous()
-
-
-def generate(layout: Layout, sizes: list[float], root: Path) -> dict:
-    """Build (or reuse) the inputs of every size; returns the manifest."""
-    key = hashlib.sha1(json.dumps([asdict(layout), sorted(sizes)]).encode()).hexdigest()[:10]
-    folder = root / f"{layout.name}-{key}"
-    INPUT_FOLDERS.append(folder)
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        log(f"inputs: reusing {folder}")
-        return json.loads(manifest_path.read_text())
-    import torch
-    from safetensors.torch import save_file
-
-    shutil.rmtree(folder, ignore_errors=True)
-    prefixes = {s: layout.prefix(s * GB) for s in sizes}
-    full = prefixes[max(sizes)]
-    cuts = {len(p) for p in prefixes.values()}
-    shards: list[list[tuple[str, tuple[int, ...]]]] = []
-    current: list = []
-    current_bytes = 0
-    for i, (name, shape) in enumerate(full):
-        nbytes = numel(shape) * 2
-        if current and current_bytes + nbytes > layout.shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append((name, shape))
-        current_bytes += nbytes
-        if i + 1 in cuts:  # a size ends here: its models are exactly the shards so far
-            shards.append(current)
-            current, current_bytes = [], 0
-    total = sum(numel(s) * 2 for _, s in full) * layout.models
-    log(f"inputs: generating {total / GB:.2f} GB ({layout.models} models x {len(shards)} shards) in {folder}")
-    t0 = time.perf_counter()
-    data = folder / "data"
-    for t in range(layout.models):
-        (data / f"m{t}").mkdir(parents=True, exist_ok=True)
-    for j, shard in enumerate(shards):
-        bases, pools = {}, {}
-        for name, shape in shard:
-            g = torch.Generator().manual_seed(layout.seed * 1_000_003 + zlib.crc32(name.encode()))
-            n = numel(shape)
-            if len(shape) == 1:  # a norm: around 1
-                bases[name] = torch.ones(n, dtype=torch.bfloat16)
-            else:
-                bases[name] = torch.randn(n, generator=g, dtype=torch.bfloat16).mul_(0.02)
-            pools[name] = torch.randn(n + 7919 * layout.models, generator=g, dtype=torch.bfloat16).mul_(0.002)
-        for t in range(layout.models):
-            tensors = {name: _model_tensor(torch, bases[name], pools[name], t, shape) for name, shape in shard}
-            save_file(tensors, str(data / f"m{t}" / f"part-{j:05d}.safetensors"), metadata={"format": "pt"})
-            del tensors
-        del bases, pools
-    sets = {}
-    for s in sorted(sizes):
-        names = {name for name, _ in prefixes[s]}
-        count = 0
-        covered = set()
-        while covered != names:
-            covered |= {name for name, _ in shards[count]}
-            count += 1
-        sets[size_label(s)] = _make_size_set(layout, folder / size_label(s), shards[:count], data, s)
-    manifest = {"layout": asdict(layout), "folder": str(folder), "sizes": sets,
-                "generate_s": time.perf_counter() - t0}
-    manifest_path.write_text(json.dumps(manifest, indent=1))
-    log(f"inputs: generated in {manifest['generate_s']:.0f} s")
-    return manifest
-
-
-def _make_size_set(layout: Layout, folder: Path, shards: list, data: Path, size_gb: float) -> dict:
-    """Model folders for one size: hard links to the first shards, an index and a config."""
-    models, files = [], []
-    count = len(shards)
-    for t in range(layout.models):
-        model = folder / f"model-{t}"
-        model.mkdir(parents=True, exist_ok=True)
-        weight_map = {}
-        for j, shard in enumerate(shards):
-            filename = f"model-{j + 1:05d}-of-{count:05d}.safetensors"
-            os.link(data / f"m{t}" / f"part-{j:05d}.safetensors", model / filename)
-            files.append(str(model / filename))
-            weight_map.update({name: filename for name, _ in shard})
-        total = sum(numel(shape) * 2 for shard in shards for _, shape in shard)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (model / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = {"model_type": "llama", "hidden_size": layout.d_model, "intermediate_size": layout.d_ff,
-                  "vocab_size": layout.vocab, "torch_dtype": "bfloat16"}
-        (model / "config.json").write_text(json.dumps(config, indent=2))
-        models.append(str(model))
-    tensors = [(name, list(shape)) for shard in shards for name, shape in shard]
-    return {"size_gb": size_gb, "models": models, "files": files, "tensors": len(tensors),
-            "matrices": sum(len(s) == 2 for _, s in tensors),
-            "input_bytes": sum(os.path.getsize(f) for f in files),
-            "tensor_bytes": layout.models * sum(numel(s) * 2 for _, s in tensors)}
 
 
 # --------------------------------------------------------------------------- measurements
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def resident_fraction(files: list[str]) -> float | None:
-    """Share of the files' bytes in the page cache (fincore), or None without fincore."""
-    if not shutil.which("fincore"):
-        return None
-    try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
-                             capture_output=True, text=True, check=True, timeout=120).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    resident = sum(int(x) for x in out.split())
-    return resident / sum(os.path.getsize(f) for f in files)
-
-
-def cat(files: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t0
-
-
-def timed_cat(files: list[str]) -> dict:
-    warm_s = cat(files)
-    resident = resident_fraction(files)
-    return {"warm_s": warm_s, "resident_before": resident, "s": cat(files)}
-
-
-def timed_write(path: Path, nbytes: int) -> float:
-    """Seconds to write nbytes (zeros, 64 MiB at a time) to a new file and fsync it, as the merge writes its output."""
-    chunk = bytes(64 * 2**20)
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(chunk[: min(left, len(chunk))])
-            left -= len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return seconds
-
-
 def run_merge(models: list[str], out: Path, method: str, overlap: bool, max_memory: str, timeout: float,
               files: list[str], env: dict[str, str]) -> dict:
     """One `ccsmerge merge` in a fresh child process, after warming the page cache; the output is deleted after."""
-    shutil.rmtree(out, ignore_errors=True)
+    remove_output(out)
     warm_s = cat(files)
     resident = resident_fraction(files)
     argv = ["merge", "--method", method, "--max-memory", max_memory, "--out", str(out), "--quiet",
@@ -369,36 +85,17 @@ def run_merge(models: list[str], out: Path, method: str, overlap: bool, max_memo
         argv += ["--model", m]
     if not overlap:
         argv.append("--no-overlap")
-    cmd = [sys.executable, str(Path(__file__).resolve()), CHILD, *argv]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **env})
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(out.parent / f".{out.name}.ccsmerge-partial", ignore_errors=True)
-        return {"method": method, "overlap": overlap, "error": f"timed out after {timeout:.0f} s",
-                "timed_out": True, "process_s": time.perf_counter() - t0}
-    process_s = time.perf_counter() - t0
-    result: dict = {"method": method, "overlap": overlap, "process_s": process_s, "warm_s": warm_s,
-                    "resident_before": resident, "argv": argv}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
-    if lines:
-        result.update(json.loads(lines[-1][len(RESULT_MARKER):]))
-    if proc.returncode != 0 or not lines:
-        result["error"] = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-    elif out.is_dir():
+    result: dict = {"method": method, "overlap": overlap, "warm_s": warm_s, "resident_before": resident,
+                    "argv": argv}
+    result.update(run_child(child_command(argv), timeout, env))
+    if "error" not in result and out.is_dir():
         result["output_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.parent / f".{out.name}.ccsmerge-partial", ignore_errors=True)
+    remove_output(out)
     return result
 
 
 def plan_summary(models: list[str], method: str, max_memory: str) -> dict:
     """What the planner decides for these inputs (estimated peak, tensors in row blocks), or its refusal."""
-    sys.path.insert(0, str(HERE))
-    from machine import load_ccsmerge
-
     load_ccsmerge()
     from ccsmerge.errors import MergeError
     from ccsmerge.streaming import plan_checkpoints
@@ -413,22 +110,6 @@ def plan_summary(models: list[str], method: str, max_memory: str) -> dict:
                          "memory": t.memory} for t in blocked],
             "low_rank": sum(t.policy == "low-rank" for t in plan.tensors),
             "read_bytes": plan.read_bytes, "write_bytes": plan.write_bytes}
-
-
-def git_state() -> str | None:
-    """The checkout's commit, with "+changes" when the work tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+changes" if dirty else "")
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
 
 
 def measure_size(label: str, entry: dict, args, work: Path) -> dict:
@@ -456,10 +137,6 @@ def measure_size(label: str, entry: dict, args, work: Path) -> dict:
 
 def fmt_frac(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.0f}%"
-
-
-def fmt_gb(x: float | None) -> str:
-    return "-" if x is None else f"{x / GB:.2f}"
 
 
 def describe_run(run: dict) -> str:
@@ -504,13 +181,6 @@ def measure_cart(args, manifest: dict, work: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
 def summarize_runs(runs: list[dict]) -> dict | None:
@@ -658,9 +328,9 @@ def plan_rows(results: dict) -> list[list]:
     return rows
 
 
-def write_results(results: dict, out: Path, describe) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "streaming.json").write_text(json.dumps(results, indent=1, default=str))
+
+def save(results: dict, out: Path) -> str:
+    """out/streaming.json (everything) and out/streaming.md (the tables); returns the main table."""
     cfg = results["config"]
     main = table(HEADERS, summary_rows(results))
     md = [
@@ -700,17 +370,15 @@ def write_results(results: dict, out: Path, describe) -> str:
         md += ["## Notes", "", *(f"- {n}" for n in ns), ""]
     if results.get("plot"):
         md += [f"![peak RSS over baseline]({results['plot']})", ""]
-    (out / "streaming.md").write_text("\n".join(md))
+    write_results(out, "streaming", results, "\n".join(md))
     return main
 
 
-def plot(results: dict, out: Path) -> str | None:
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+def plot(results: dict, out: Path) -> str | None:
+    """streaming.png: peak RSS over the baseline against the input size (None without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for overlap, style in ((True, "o-"), (False, "s--")):
@@ -771,16 +439,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    from machine import check_extension, check_load, describe, load_average, load_ccsmerge, machine_info
-
     ccsmerge = load_ccsmerge()
     from ccsmerge.sizes import parse_size
 
     sizes = [float(s) for s in (args.sizes or ("1,2" if args.quick else "2,8,16")).split(",")]
     info = machine_info(ccsmerge)
     log(describe(info))
-    warnings = [w for w in (check_extension(info, "cpu"), check_load(info["cpu_affinity"])) if w]
+    warnings = startup_warnings(info, "cpu")
     for w in warnings:
         log(w)
     layout = Layout()
@@ -812,19 +477,18 @@ def main(argv=None) -> int:
             results["sizes"].append(measure_size(label, entry, args, work))
             results["sizes"][-1]["load_avg_after"] = load_average()
             results["wall_s"] = time.perf_counter() - start
-            write_results(results, args.out, describe)
+            save(results, args.out)
         if args.cart_size:
             t0 = time.perf_counter()
             results["cart"] = measure_cart(args, manifest, work)
             results["cart"]["wall_s"] = time.perf_counter() - t0
     finally:
         if not args.keep:
-            for folder in INPUT_FOLDERS:
-                shutil.rmtree(folder, ignore_errors=True)
+            remove_generated()
     results["wall_s"] = time.perf_counter() - start
     results["load_avg_end"] = load_average()
     results["plot"] = plot(results, args.out)
-    main_table = write_results(results, args.out, describe)
+    main_table = save(results, args.out)
     log("")
     log(f"# {describe(info)}")
     log(main_table)
@@ -839,6 +503,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == CHILD:
-        sys.exit(child_main(sys.argv[2:]))
     sys.exit(main())

@@ -13,7 +13,6 @@ the pipeline runs versus at the end, which must not grow.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import log, table, write_results  # noqa: E402
 from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
 
 MB = 1e6
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     ccsmerge = load_ccsmerge()
     info = machine_info(ccsmerge)
-    print(describe(info))
+    log(describe(info))
 
     work = Path(tempfile.mkdtemp(prefix="ccsmerge-load-"))
     try:
@@ -130,8 +130,6 @@ def main() -> None:
         "threads_running": running[0]["threads"],
         "threads_max": max(s["threads"] for s in samples),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming_load.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# A long merge under a memory budget",
         "",
@@ -141,17 +139,16 @@ def main() -> None:
         f"{args.tensors} tensors ({args.width} x {args.width} fp32 matrices and biases), "
         f"{input_bytes / MB:.0f} MB of input, {seconds:.1f} s, {len(samples)} samples.",
         "",
-        "| | value |",
-        "|---|---|",
-        f"| baseline RSS (import ccsmerge) | {result['baseline_rss_mb']} MB |",
-        f"| peak RSS over baseline | {result['peak_over_baseline_mb']} MB (budget {budget / MB:.0f} MB) |",
-        f"| peak over baseline, per tenth of the run | {', '.join(map(str, tenths))} MB |",
-        f"| open files while merging, first / last / max | {result['fds_first_running']} / "
-        f"{result['fds_last_running']} / {result['fds_max']} |",
-        f"| threads while merging / max | {result['threads_running']} / {result['threads_max']} |",
+        table(["", "value"], [
+            ["baseline RSS (import ccsmerge)", f"{result['baseline_rss_mb']} MB"],
+            ["peak RSS over baseline", f"{result['peak_over_baseline_mb']} MB (budget {budget / MB:.0f} MB)"],
+            ["peak over baseline, per tenth of the run", f"{', '.join(map(str, tenths))} MB"],
+            ["open files while merging, first / last / max",
+             f"{result['fds_first_running']} / {result['fds_last_running']} / {result['fds_max']}"],
+            ["threads while merging / max", f"{result['threads_running']} / {result['threads_max']}"],
+        ]),
     ]
-    (args.out / "streaming_load.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "streaming_load", result, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the randomized results' distance to the exact ones. Then a 5 x 5 CART grid
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import log, table, upper_median, write_results  # noqa: E402
 from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
 
 METHODS = [
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     ccsmerge = load_ccsmerge()
     info = machine_info(ccsmerge)
-    print(describe(info))
+    log(describe(info))
     cases = [(512, 512, 4), (1024, 1024, 8)] if args.quick else [(1024, 1024, 4), (1024, 1024, 8), (2048, 1024, 8)]
 
     rows = []
@@ -85,7 +85,7 @@ def main() -> None:
                     "shape": f"{m}x{n}",
                     "T": T,
                     "method": name,
-                    "median_s": sorted(ts)[len(ts) // 2],
+                    "median_s": upper_median(ts),
                     "min_s": min(ts),
                     "max_s": max(ts),
                     "update_vs_exact": diff,
@@ -130,9 +130,7 @@ def main() -> None:
     print(search_row)
 
     result_json = {"machine": info, "load_average": load_average(), "rows": rows, "search": search_row}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "svd_family-quick" if args.quick else "svd_family"
-    (args.out / f"{stem}.json").write_text(json.dumps(result_json, indent=2, default=str) + "\n")
     lines = [
         "# Every method on the same task matrices; the cost of a search",
         "",
@@ -142,24 +140,16 @@ def main() -> None:
         f"median of {args.rounds} interleaved rounds. `update vs exact`: ||randomized - exact|| / "
         "||exact - reference|| (reference: θ_avg for CART, θ_base otherwise).",
         "",
-        "| shape | T | method | median s | min-max s | update vs exact |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        diff = "" if r["update_vs_exact"] is None else f"{r['update_vs_exact']:.2%}"
-        lines.append(
-            f"| {r['shape']} | {r['T']} | {r['method']} | {r['median_s']:.3f} | "
-            f"{r['min_s']:.3f}-{r['max_s']:.3f} | {diff} |"
-        )
-    lines += [
+        table(["shape", "T", "method", "median s", "min-max s", "update vs exact"],
+              [[r["shape"], r["T"], r["method"], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}-{r['max_s']:.3f}",
+                "" if r["update_vs_exact"] is None else f"{r['update_vs_exact']:.2%}"] for r in rows]),
         "",
         f"Search, {search_row['grid']} on {search_row['models']} models of {search_row['matrices']} matrices: "
         f"`ccsmerge.search` {grid_s:.2f} s; 25 separate merges {separate_s:.2f} s "
         f"(one at the largest rank {one_s:.2f} s): the grid costs {grid_s / one_s:.1f} merges at the largest "
         f"rank, and is {separate_s / grid_s:.1f}x faster than merging every setting.",
     ]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, stem, result_json, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":

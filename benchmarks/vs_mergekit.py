@@ -14,17 +14,15 @@ with weight lam per model; TIES with density and lam).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import log, table, time_command_rss, upper_median, write_results  # noqa: E402
 from machine import describe, load_average, load_ccsmerge, machine_info  # noqa: E402
 from outputs import max_relative_difference  # noqa: E402
 
@@ -53,16 +51,6 @@ def make_models(root: Path, hidden: int, layers: int, models: int) -> tuple[Path
         tuned.save_pretrained(root / f"ft{t}")
         paths.append(root / f"ft{t}")
     return root / "base", paths
-
-
-def timed(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a command run under /usr/bin/time."""
-    start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    return seconds, int(result.stderr.strip().splitlines()[-1]) * 1024 / 1e9
 
 
 def mergekit_config(path: Path, method: str, base: Path, models: list[Path], lam: float, density: float) -> None:
@@ -95,7 +83,7 @@ def main() -> None:
     import mergekit  # noqa: F401  (fail early without it)
     from importlib.metadata import version
 
-    print(describe(info), "mergekit", version("mergekit"))
+    log(f"{describe(info)} mergekit {version('mergekit')}")
     work = Path(tempfile.mkdtemp(prefix="ccsmerge-vs-mergekit-"))
     rows = []
     try:
@@ -103,34 +91,41 @@ def main() -> None:
         inputs = [f for p in paths for f in sorted(p.glob("*.safetensors"))]
         input_gb = sum(f.stat().st_size for f in inputs) / 1e9
         cat = ["bash", "-c", "cat " + " ".join(map(str, inputs)) + " > /dev/null"]
-        timed(cat)
+        time_command_rss(cat)
         lam, density = 0.3, 0.2
         mergekit_yaml = str(Path(sys.executable).parent / "mergekit-yaml")  # the console script beside python
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         differences: dict[str, float] = {}
         for _ in range(args.rounds):
-            results.setdefault(("cat (the floor)", ""), []).append(timed(cat))
+            results.setdefault(("cat (the floor)", ""), []).append(time_command_rss(cat))
             for method in ("average", "task_arithmetic", "ties"):
                 out, mk_out = work / "out", work / "mergekit-out"
                 config = work / f"{method}.yml"
                 mergekit_config(config, method, base, paths, lam, density)
                 shutil.rmtree(mk_out, ignore_errors=True)
-                results.setdefault((method, "mergekit"), []).append(timed([mergekit_yaml, str(config), str(mk_out)]))
+                mk_command = [mergekit_yaml, str(config), str(mk_out)]
+                results.setdefault((method, "mergekit"), []).append(time_command_rss(mk_command))
                 shutil.rmtree(out, ignore_errors=True)
                 command = [sys.executable, "-m", "ccsmerge", "merge", "--method", method, "--quiet", "--device", "cpu"]
                 if method != "average":
                     command += ["--base", str(base), "--lam", str(lam), "--density", str(density)]
                 command += [a for p in paths for a in ("--model", str(p))] + ["--out", str(out)]
-                results.setdefault((method, "ccsmerge"), []).append(timed(command))
+                results.setdefault((method, "ccsmerge"), []).append(time_command_rss(command))
                 differences[method] = max_relative_difference(out, mk_out)
         for (method, tool), runs in results.items():
-            seconds = sorted(r[0] for r in runs)[len(runs) // 2]
+            seconds = upper_median([r[0] for r in runs])
             rows.append({"method": method, "tool": tool, "seconds": seconds, "peak_rss_gb": max(r[1] for r in runs)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     floor = next(r["seconds"] for r in rows if r["tool"] == "")
     by = {(r["method"], r["tool"]): r for r in rows}
+    cells = []
+    for method in ("average", "task_arithmetic", "ties"):
+        mk, cc = by[(method, "mergekit")], by[(method, "ccsmerge")]
+        cells.append([method, f"{mk['seconds']:.2f}", f"{cc['seconds']:.2f}", f"{cc['seconds'] / mk['seconds']:.2f}x",
+                      f"{cc['seconds'] / floor:.1f}x", f"{mk['peak_rss_gb']:.2f}", f"{cc['peak_rss_gb']:.2f}",
+                      f"{differences[method]:.1e}"])
     lines = [
         "# ccsmerge merge vs mergekit on the same checkpoints",
         "",
@@ -141,31 +136,14 @@ def main() -> None:
         f"median of {args.rounds} interleaved rounds; peak RSS from /usr/bin/time. Both tools at their defaults "
         "(mergekit on the CPU; ccsmerge with its default budget).",
         "",
-        "| method | mergekit s | ccsmerge s | ccsmerge / mergekit | ccsmerge / cat "
-        "| mergekit RSS GB | ccsmerge RSS GB | outputs differ by |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for method in ("average", "task_arithmetic", "ties"):
-        mk, cc = by[(method, "mergekit")], by[(method, "ccsmerge")]
-        lines.append(
-            f"| {method} | {mk['seconds']:.2f} | {cc['seconds']:.2f} | {cc['seconds'] / mk['seconds']:.2f}x | "
-            f"{cc['seconds'] / floor:.1f}x | {mk['peak_rss_gb']:.2f} | {cc['peak_rss_gb']:.2f} | "
-            f"{differences[method]:.1e} |"
-        )
-    lines += [
+        table(["method", "mergekit s", "ccsmerge s", "ccsmerge / mergekit", "ccsmerge / cat", "mergekit RSS GB",
+               "ccsmerge RSS GB", "outputs differ by"], cells),
         "",
         f"cat of the inputs (warm page cache): {floor:.2f} s. `outputs differ by`: the largest relative "
         "difference of a tensor between the two tools' outputs (bf16 rounding is ~4e-3).",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vs_mergekit.json").write_text(
-        json.dumps(
-            {"machine": info, "input_gb": input_gb, "rows": rows, "differences": differences}, indent=2, default=str
-        )
-        + "\n"
-    )
-    (args.out / "vs_mergekit.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "vs_mergekit", {"machine": info, "input_gb": input_gb, "rows": rows,
+                                            "differences": differences}, "\n".join(lines), echo=True)
 
 
 if __name__ == "__main__":
