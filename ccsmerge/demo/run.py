@@ -1,6 +1,7 @@
 """`ccsmerge demo`: pretrain a small network on real digits, fine-tune one copy
 per task on eight conflicting tasks, save them as model folders, choose each
-method's hyper-parameters on a validation split, merge with `ccsmerge merge`,
+method's hyper-parameters on a validation split, merge the folders on disk
+(merge_checkpoints, what `ccsmerge merge` runs),
 and report test accuracy per task for every method, with a rank sweep and a
 λ sweep as PNG plots.
 
@@ -21,7 +22,6 @@ from safetensors.torch import save_file
 
 import ccsmerge
 from ccsmerge.checkpoint import Checkpoint
-from ccsmerge.cli import main as ccsmerge_cli
 from ccsmerge.config import METHOD_PARAMS
 from ccsmerge.merge import resolve_device
 from ccsmerge.methods import REGISTRY
@@ -110,21 +110,21 @@ def select_settings(suite: Suite, models, base, grids, device: str) -> dict[str,
 def merge_on_disk(
     method: str, setting: dict, options: dict, models, base, out: Path, device: str, seed: int
 ) -> tuple[Path, str]:
-    """Merge with the `ccsmerge merge` command (in this process) and return the output folder and the command."""
-    args = ["merge", "--method", method]
-    for path in models:
-        args += ["--model", str(path)]
-    if method not in ("average", "cart"):
+    """Merge the model folders with merge_checkpoints (what `ccsmerge merge`
+    runs) and return the output folder and the equivalent command line."""
+    spec = REGISTRY[method]
+    chosen = {**setting, **({"svd": options["svd"]} if "svd" in options else {})}
+    if spec.param("seed"):
+        chosen["seed"] = seed
+    args = ["merge", "--method", method, *[a for path in models for a in ("--model", str(path))]]
+    if spec.needs_base:
         args += ["--base", str(base)]
-    for key, value in setting.items():
-        args += [FLAGS[key], repr(value)]
-    if "svd" in options:
-        args += ["--svd", options["svd"]]
-    if REGISTRY[method].param("seed"):
-        args += ["--seed", str(seed)]
+    for key, value in chosen.items():
+        args += [FLAGS[key], value if isinstance(value, str) else repr(value)]
     args += ["--device", device, "--out", str(out), "--overwrite", "--quiet"]
-    if ccsmerge_cli(args) != 0:
-        raise SystemExit(f"ccsmerge merge failed: {' '.join(args)}")
+    ccsmerge.merge_checkpoints(
+        models, out, method, base=base if spec.needs_base else None, device=device, overwrite=True, **chosen
+    )
     return out, "ccsmerge " + " ".join(args)
 
 
