@@ -67,6 +67,7 @@ __all__ = [
     "METHOD_NAMES",
     "FAMILIES",
     "method_spec",
+    "method_table",
     "decide",
     "treatment_of",
     "MethodSpec",
@@ -76,3 +77,28 @@ __all__ = [
     "Cost",
     "Decision",
 ]
+
+
+def _default_text(p: Param) -> str:
+    if p.default is None:
+        return f"`{p.name}`"
+    if p.type is tuple:
+        return f"`{p.name}`"
+    return f"`{p.name}`={p.default}"
+
+
+def method_table() -> str:
+    """The README's method table, from the registry (tests/test_readme.py keeps them equal)."""
+    lines = [
+        "| method | merged tensor | base | options (defaults) | treatments (✓: also in row blocks) | search axis |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec in REGISTRY.values():
+        options = ", ".join(_default_text(p) for p in spec.params) or "none"
+        treatments = ", ".join(f"{t.name}{' ✓' if t.blocks is not None else ''}" for t in spec.treatments.values())
+        lines.append(
+            f"| [`{spec.name}`]({spec.reference}): {spec.title} | {spec.summary} | "
+            f"{'needed' if spec.needs_base else 'optional'} | {options} | {treatments} | "
+            f"{', '.join(['lam'] * bool(spec.param('lam')) + ([spec.search_axis] if spec.search_axis else [])) or '—'} |"
+        )
+    return "\n".join(lines) + "\n"
