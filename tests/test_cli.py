@@ -356,3 +356,15 @@ def test_console_script_plan(small):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "estimated peak memory" in done.stdout
+
+
+def test_plan_names_the_rule_that_decided_each_tensor(small, capsys):
+    _, _, _, paths = small
+    code, stdout, _ = run(["plan", *model_flags(paths), "--lowrank-exclude", "up_proj"], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line for line in stdout.splitlines()[1:] if line and not line[0].isdigit()}
+    assert "decided by" in stdout.splitlines()[0]
+    assert "exclude 'up_proj'" in rows["layers.0.mlp.up_proj.weight"]  # the user's pattern
+    assert "default exclude 'lm_head'" in rows["lm_head.weight"]  # a default exclude, kept beside it
+    assert "2-D weight" in rows["layers.0.attn.q_proj.weight"] and "low-rank" in rows["layers.0.attn.q_proj.weight"]
+    assert "1-D" in rows["layers.0.norm.weight"]

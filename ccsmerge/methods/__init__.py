@@ -44,16 +44,16 @@ COPIED = Treatment(
 )
 
 
-def decide(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg, models: int,
+def decide(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg, tasks: int,
            out_dtype: torch.dtype | None = None) -> TensorJob:
     """The tensor's job: its treatment, rank and the rule that chose them,
     decided once from its header (the plan and in-memory merges both call this)."""
     shape = tuple(shape)
     if not dtype.is_floating_point:
-        return TensorJob(name, shape, dtype, dtype, "copied", None, "not floating", cfg, models)
-    decision = method_spec(cfg.method).rule(name, shape, dtype, cfg, models)
+        return TensorJob(name, shape, dtype, dtype, "copied", None, "not floating", cfg, tasks)
+    decision = method_spec(cfg.method).rule(name, shape, dtype, cfg, tasks)
     final = out_dtype if out_dtype is not None else dtype
-    return TensorJob(name, shape, dtype, final, decision.treatment, decision.rank, decision.rule, cfg, models)
+    return TensorJob(name, shape, dtype, final, decision.treatment, decision.rank, decision.rule, cfg, tasks)
 
 
 def treatment_of(job: TensorJob) -> Treatment:

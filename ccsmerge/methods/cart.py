@@ -134,7 +134,7 @@ def sketch_state_bytes(job, work: int) -> int:
     D^T Q (n x l) with their orthonormalisation workspace, the T rank-k
     factors, and the float64 temporaries of the small SVDs (B^T, sigma V and
     the polar step's three k x n products)."""
-    (m, n), T, k, width = job.shape, job.models, job.rank, _width(job)
+    (m, n), T, k, width = job.shape, job.tasks, job.rank, _width(job)
     float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)  # one task's B^T at a time
     return work * (n * width + 3 * T * (m + n) * width + 2 * T * k * (m + n)) + float64
 
@@ -144,7 +144,7 @@ def device_sketch_state_bytes(job, work: int) -> int:
     CholeskyQR2 works on float64 copies of the (T, m, l) panel while the
     previous basis, the product and the panel of the other side are alive, and
     the centered products stack their right-hand sides."""
-    (m, n), T, k, width = job.shape, job.models, job.rank, _width(job)
+    (m, n), T, k, width = job.shape, job.tasks, job.rank, _width(job)
     float64 = 8 * (n * (width + 5 * k) + 2 * T * width * width)
     return work * (n * width + 7 * T * (m + n) * width + 3 * T * k * (m + n)) + float64
 

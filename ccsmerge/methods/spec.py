@@ -56,7 +56,7 @@ class TensorJob:
     rank: int | None  # the truncation rank of a low-rank treatment
     rule: str  # why this treatment: "2-D weight", "default exclude 'embed'", "1-D", ...
     cfg: Any  # the MergeConfig
-    models: int  # T
+    tasks: int  # T, the number of fine-tuned models
 
 
 @dataclass(frozen=True)
