@@ -33,14 +33,15 @@ def merge_whole(job: TensorJob, xs: list[torch.Tensor], base: torch.Tensor | Non
     """The merged tensor, computed on `device` straight into job.out_dtype,
     returned on the inputs' device."""
     home = xs[0].device
-    on_device, base_on_device = to_compute_device(xs, base, device)
     treatment = treatment_of(job)
+    if job.treatment == "copied":  # compared and copied where they are
+        return treatment.whole(job, xs, base)
+    on_device, base_on_device = to_compute_device(xs, base, device)
     merged = treatment.whole(job, on_device, base_on_device)
-    if job.treatment != "copied":
-        check_finite(
-            job.name, merged, on_device, base_on_device, allow=job.cfg.allow_nonfinite,
-            largest=lambda: float(treatment.whole(_in_compute_dtype(job), on_device, base_on_device).abs().max()),
-        )
+    check_finite(
+        job.name, merged, on_device, base_on_device, allow=job.cfg.allow_nonfinite,
+        largest=lambda: float(treatment.whole(_in_compute_dtype(job), on_device, base_on_device).abs().max()),
+    )
     return merged.to(home)
 
 
