@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from .blockwise import merge_in_blocks
-from .errors import MergeError, MergeInterrupted
+from .errors import MergeError, MergeInterrupted, Terminated
 from .merge import merge_tensor
 from .planning import DEVICE_RESERVE, TensorPlan
 from .shard_writer import ShardWriter, shard_filename
@@ -257,8 +257,9 @@ def _stream(
         pipeline.bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
     try:
         pipeline.run()
-    except KeyboardInterrupt:
-        raise MergeInterrupted(pipeline.where_stopped()) from None
+    except KeyboardInterrupt as exc:
+        how = str(exc) if isinstance(exc, Terminated) else "interrupted"
+        raise MergeInterrupted(pipeline.where_stopped(how)) from None
     finally:
         if pipeline.bar is not None:
             pipeline.bar.close()

@@ -1,7 +1,7 @@
 """What goes wrong around the output folder, and what ccsmerge does about it:
 inputs changed before a resume, the dtype and the aux files of the output,
 full disks at every step, outputs that cannot be written (the current
-folder, an empty path, an input), two runs into one output, and the
+folder, an empty path, an input), two runs into one output, SIGTERM, and the
 same rules for `index` and `export-task`. Each case goes through the command
 line where the user meets it: one `ccsmerge: error:` line naming the file,
 exit code 1, no partial folder left (unless it is kept for --resume), inputs
@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -538,6 +539,33 @@ def test_a_dead_claims_private_folder_is_swept(toy, tmp_path, capsys):
     os.utime(dead, (old, old))
     assert cli(merge_argv(paths, out, "--method", "average"), capsys)[0] == 0
     assert not dead.exists() and recent.exists()  # a recent one may belong to a live claim
+
+
+# ----------------------------------------------------------------------------- 12: SIGTERM
+
+
+def test_sigterm_stops_like_ctrl_c_and_resume_finishes(toy, tmp_path):
+    _, _, paths, reference = toy
+    out = tmp_path / "out"
+    partial = partial_folder(out)
+    argv = merge_argv(paths, out, "--method", "average")
+    proc = start_slow(tmp_path, argv)
+    wait_for(lambda: len(shard_files(partial)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    err = (tmp_path / "slow-stderr.txt").read_text()
+    assert len(err.splitlines()) == 1 and err.startswith("ccsmerge: terminated by SIGTERM while merging tensor '"), err
+    assert f"shards are finished in {partial}" in err and "--resume" in err, err
+    assert not out.exists() and not list(partial.glob("*.part"))  # the shard being written was removed
+    kept = {p.name: p.stat().st_ino for p in shard_files(partial)}
+    assert kept
+
+    result = subprocess.run([sys.executable, "-m", "ccsmerge", *argv, "--resume"], capture_output=True, text=True,
+                            env=env_with_repo(), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(out) == reference
+    assert {name: (out / name).stat().st_ino for name in kept} == kept  # kept, not rewritten
+    assert leftovers(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- index and export-task
