@@ -10,13 +10,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 from collections import Counter
 
 from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS
+from .errors import MergeError, Terminated
 from .methods import REGISTRY
-from .errors import MergeError
 from .planning import DEVICE_RESERVE
 from .recipe import DTYPES, Recipe, load_recipe
 from .sizes import format_size
@@ -26,7 +28,8 @@ INDEX_PARAMS = [p for p in REGISTRY["cart"].params if p.name != "lam"] + [COMMON
 SEARCH_GRIDS = ("lam", *{spec.search_axis for spec in REGISTRY.values() if spec.search_axis})
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C ended
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 
 def _defaults(p) -> str:
@@ -239,6 +242,17 @@ def print_plan(plan) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame):
+        # SIGTERM (a batch scheduler's warning before a kill) stops a run as
+        # Ctrl-C does: the shard being written removed, the finished ones kept.
+        if not terminated:  # once: a second one must not break the cleanup
+            terminated.append(signum)
+            raise Terminated()
+
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if handles_signals else None
     try:
         from .streaming import merge_checkpoints, plan_checkpoints
 
@@ -292,13 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as exc:
         print(f"ccsmerge: {exc or 'interrupted'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as exc:  # one readable line; --debug shows where
         if args.debug:
             traceback.print_exc()
         message = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
         print(f"ccsmerge: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

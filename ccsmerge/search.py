@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels as ops
-from .config import valid_options
 from .errors import MergeError
 from .execute import merge_whole
 from .merge import full_precision_matmuls, make_config, resolve_device, validate_models

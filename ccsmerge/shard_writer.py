@@ -11,6 +11,7 @@ little-endian data); `safe_open` checks the files in the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,11 +87,21 @@ def write_index(folder: Path, shards: list[list[OutputTensor]], metadata: dict[s
 
 def write_atomically(path: Path, data: bytes) -> None:
     part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        raise named(exc, part) from None
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """exc, naming path when it names no file (a failed write or flush: a bare ENOSPC names none)."""
+    return exc if exc.filename is not None else OSError(exc.errno, exc.strerror, str(path))
 
 
 class ShardWriter:
@@ -104,7 +115,11 @@ class ShardWriter:
         self._next = 0  # index of the tensor being written
         self._written = 0  # bytes of it written so far
         self._file = open(self.part, "wb")
-        self._file.write(shard_header(tensors, metadata))
+        try:
+            self._file.write(shard_header(tensors, metadata))
+        except OSError as exc:
+            self.abort()
+            raise named(exc, self.part) from None
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         if self._next >= len(self.tensors):
@@ -120,7 +135,7 @@ class ShardWriter:
         try:
             self._file.write(memoryview(data))
         except OSError as exc:  # name the file: a bare ENOSPC does not
-            raise OSError(exc.errno, exc.strerror, str(self.part)) from None
+            raise named(exc, self.part) from None
         self._written += data.nbytes
         if self._written == expected.nbytes:
             self._next += 1
@@ -134,10 +149,13 @@ class ShardWriter:
         """Sync and give the shard its final name; the shard must be complete."""
         if not self.complete:
             raise MergeError(f"{self.path}: closed before tensor '{self.tensors[self._next].name}' was written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.part, self.path)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.part, self.path)
+        except OSError as exc:
+            raise named(exc, self.part) from None
 
     def abort(self) -> None:
         try:

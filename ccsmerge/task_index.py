@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,22 +28,22 @@ from .methods import decide
 from .methods.cart import cart_factors
 from .numerics import check_finite
 from .planning import check_compatible, natural_order
-from .shard_writer import OutputTensor, ShardWriter, plan_shards, shard_filename, write_atomically, write_index
+from .output_folder import OutputFolder, aux_files
+from .shard_writer import OutputTensor, ShardWriter, plan_shards, shard_filename, write_index
 from .sizes import parse_size
-from .streaming import DEFAULT_SHARD_SIZE, _publish, partial_folder
+from .streaming import DEFAULT_SHARD_SIZE
 
 INDEX_FILE = "ccsmerge-index.json"
 TASK_FILE = "ccsmerge-task.json"  # beside an exported model: the index and the task it came from
 _FACTOR = re.compile(r"^(?P<name>.*)::task(?P<task>\d+)\.(?P<side>left|right)$")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    partial = partial_folder(out)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
+def _output(out: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> OutputFolder:
+    """The output folder, checked before any input is read. An index has no
+    resume: an interrupted one is refused unless overwrite."""
+    folder = OutputFolder(out, inputs, overwrite=overwrite, resumable=False)
+    folder.check()
+    return folder
 
 
 def _write(partial: Path, outputs: list[OutputTensor], produce, shard_bytes: int, metadata: dict[str, str]) -> None:
@@ -62,20 +61,15 @@ def _write(partial: Path, outputs: list[OutputTensor], produce, shard_bytes: int
     write_index(partial, shards, {"ccsmerge_version": __version__})
 
 
-def _write_folder(partial, out, outputs, produce, shard_bytes, metadata, record, aux_source) -> None:
-    """Shards, index, a JSON record and the aux files into partial, then publish it as out;
-    on any failure, remove partial."""
-    try:
+def _write_folder(folder: OutputFolder, inputs, outputs, produce, shard_bytes, metadata, record) -> None:
+    """A JSON record, shards, index and the aux files into the partial folder,
+    then publish it; on any failure (an interruption too) it is removed."""
+    name, content = record
+    with folder.cleanup():
+        folder.claim((name, (json.dumps(content, indent=2) + "\n").encode()), inputs)
         with full_precision_matmuls():
-            _write(partial, outputs, produce, shard_bytes, metadata)
-        name, content = record
-        write_atomically(partial / name, (json.dumps(content, indent=2) + "\n").encode())
-        for aux in aux_source.aux_files():
-            shutil.copyfile(aux, partial / aux.name)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    _publish(partial, out)
+            _write(folder.partial, outputs, produce, shard_bytes, metadata)
+        folder.publish(aux_files(inputs))
 
 
 def build_index(
@@ -89,7 +83,7 @@ def build_index(
 ) -> Path:
     """Write the CART index of `models` (folders or files) to the folder `out`.
     options: svd, oversample, power_iters, seed, device, lowrank_include/exclude."""
-    out = Path(out)
+    folder = _output(out, models, overwrite)
     cfg = make_config(method="cart", rank_ratio=rank_ratio, **options)
     if len(models) < 2:
         raise MergeError(f"an index needs at least 2 models, got {len(models)}")
@@ -116,7 +110,6 @@ def build_index(
         "ccsmerge_version": __version__,
     }
     metadata = {"format": "pt", "ccsmerge_index": json.dumps(recipe, sort_keys=True)}
-    partial = _prepare_out(out, overwrite)
     factors: dict[str, torch.Tensor] = {}
 
     def produce(output: OutputTensor) -> torch.Tensor:
@@ -135,8 +128,8 @@ def build_index(
                 factors[f"{output.name}::task{t}.right"] = vh[t].float().cpu()
         return center.to(output.dtype).cpu()
 
-    _write_folder(partial, out, plan, produce, parse_size(out_shard_size), metadata, (INDEX_FILE, recipe), ckpts[0])
-    return out
+    _write_folder(folder, ckpts, plan, produce, parse_size(out_shard_size), metadata, (INDEX_FILE, recipe))
+    return folder.out
 
 
 def export_task(
@@ -149,7 +142,8 @@ def export_task(
     device: str = "auto",
 ) -> Path:
     """Write task `task`'s model, θ_avg + LowRank_k(θ_task − θ_avg), from a CART index to `out`."""
-    index, out = Path(index), Path(out)
+    index = Path(index)
+    folder = _output(out, [index], overwrite)
     if not (index / INDEX_FILE).is_file():
         raise MergeError(f"{index}: not a ccsmerge index (no {INDEX_FILE})")
     recipe = json.loads((index / INDEX_FILE).read_text())
@@ -162,7 +156,6 @@ def export_task(
     compute = resolve_device(device)
     exported = {**recipe, "kind": "cart-index-task", "task": task, "task_model": recipe["models"][task]}
     metadata = {"format": "pt", "ccsmerge_recipe": json.dumps(exported, sort_keys=True)}
-    partial = _prepare_out(out, overwrite)
 
     def produce(output: OutputTensor) -> torch.Tensor:
         center = ckpt.read(output.name)
@@ -173,5 +166,5 @@ def export_task(
         right = ckpt.read(f"{output.name}::task{task}.right").to(compute)
         return ops.lowrank_update(center.to(compute).float(), left, right, 1.0, output.dtype).cpu()
 
-    _write_folder(partial, out, outputs, produce, parse_size(out_shard_size), metadata, (TASK_FILE, exported), ckpt)
-    return out
+    _write_folder(folder, [ckpt], outputs, produce, parse_size(out_shard_size), metadata, (TASK_FILE, exported))
+    return folder.out

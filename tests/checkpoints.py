@@ -111,6 +111,15 @@ def write_set(root: Path, base, models, layout: str = "safetensors"):
     return base_path, paths
 
 
+def record_inputs(partial: Path, paths) -> None:
+    """What an interrupted merge records beside its recipe in its partial
+    folder: the fingerprints of its inputs (paths), which resume checks."""
+    from ccsmerge.checkpoint import Checkpoint
+    from ccsmerge.output_folder import record_inputs as record
+
+    record(partial, [Checkpoint(p) for p in paths])
+
+
 def index_of(folder: Path) -> dict:
     return json.loads((folder / "model.safetensors.index.json").read_text())
 

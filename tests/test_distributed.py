@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import toy_set, write_set
+from checkpoints import record_inputs, toy_set, write_set
 
 import ccsmerge
 from ccsmerge.distributed import assign_shards, shard_costs
@@ -86,6 +86,7 @@ def test_resume_across_ranks(inputs, single, tmp_path):
     # An interrupted merge: the recipe and the first two shards are finished.
     partial.mkdir()
     shutil.copy(single / "ccsmerge.yml", partial)
+    record_inputs(partial, paths)
     kept = sorted(single.glob("model-*.safetensors"))[:2]
     for shard in kept:
         shutil.copy(shard, partial)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 import ccsmerge
 from ccsmerge import MergeError, merge_checkpoints, plan_checkpoints
+from ccsmerge import pipeline as pipeline_module
 from ccsmerge import streaming as streaming_module
 from ccsmerge.cli import build_parser, main, merge_arguments
 from ccsmerge.planning import (
@@ -382,7 +383,7 @@ def test_staged_inputs_give_the_same_bytes(tmp_path, toy, monkeypatch, method):
         stagings.append(CopyingStaging())
         return stagings[-1]
 
-    monkeypatch.setattr(streaming_module, "make_staging", copying)
+    monkeypatch.setattr(pipeline_module, "make_staging", copying)
     staged = merge_checkpoints(paths, tmp_path / "staged", method, base=base_path, device="cpu")
     assert folder_bytes(staged) == folder_bytes(plain)
     (staging,) = stagings
@@ -404,15 +405,15 @@ def test_the_gpu_budget_bookkeeping(tmp_path, toy, monkeypatch, overlap):
     assert any(t.block_rows is not None for t in prepared.plan.tensors)
     pipelines = []
 
-    class Recorded(streaming_module._Pipeline):
+    class Recorded(pipeline_module._Pipeline):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pipelines.append(self)
 
-    monkeypatch.setattr(streaming_module, "_Pipeline", Recorded)
+    monkeypatch.setattr(pipeline_module, "_Pipeline", Recorded)
     folder = tmp_path / "out"
     folder.mkdir()
-    streaming_module._stream(prepared, torch.device("cpu"), folder, set(), False, overlap)
+    pipeline_module._stream(prepared, torch.device("cpu"), folder, set(), False, overlap)
     (pipeline,) = pipelines
     assert pipeline.gpu.total == budget - DEVICE_RESERVE
     assert 0 < pipeline.gpu.peak <= pipeline.gpu.total and pipeline.gpu.used == 0
@@ -569,7 +570,7 @@ def test_cuda_staging_logic_with_stand_ins(tmp_path, toy, fake_cuda, monkeypatch
     log = fake_cuda
     _, _, base_path, paths = toy
     plain = merge_checkpoints(paths, tmp_path / "plain", "ties", base=base_path, device="cpu", overlap=False)
-    monkeypatch.setattr(streaming_module, "make_staging", lambda device, _: CudaStaging(device, pinned))
+    monkeypatch.setattr(pipeline_module, "make_staging", lambda device, _: CudaStaging(device, pinned))
     staged = merge_checkpoints(paths, tmp_path / "staged", "ties", base=base_path, device="cpu")
     assert folder_bytes(staged) == folder_bytes(plain)
 

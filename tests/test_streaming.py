@@ -33,6 +33,7 @@ from checkpoints import (
     folder_bytes,
     index_of,
     load_output,
+    record_inputs,
     shard_files,
     shard_metadata,
     smallest_budget,
@@ -439,6 +440,7 @@ def test_resume_keeps_finished_shards_and_redoes_the_rest(tmp_path, small):
     partial = partial_of(out)
     partial.mkdir()
     shutil.copy2(ref / "ccsmerge.yml", partial)
+    record_inputs(partial, [*paths, base_path])
     for name in shards[:2]:
         shutil.copy2(ref / name, partial / name)
     (partial / shards[2]).write_bytes((ref / shards[2]).read_bytes()[:-16])
@@ -468,6 +470,7 @@ def test_resume_with_another_shard_size_leaves_no_stale_shards(tmp_path, small):
     partial = partial_of(tmp_path / "out")
     partial.mkdir()
     shutil.copy2(first / "ccsmerge.yml", partial)
+    record_inputs(partial, paths)
     for shard in shard_files(first)[:2]:
         shutil.copy2(shard, partial / shard.name)
     try:
