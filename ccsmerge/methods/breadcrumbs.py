@@ -19,10 +19,10 @@ import math
 import torch
 
 from ..numerics import compute_dtype, kth_smallest_magnitude
+from .dare import NORMALIZE, combined, ties_consensus
 from .elementwise import _inputs
 from .params import DENSITY, LAM, Param
 from .spec import Cost, Decision, MethodSpec, Treatment
-from .dare import NORMALIZE, combined, ties_consensus
 from .ties import task_vectors
 
 GAMMA = Param("gamma", float, 0.01, "share of the largest magnitudes dropped as outliers", ge=0.0, le=1.0)
@@ -46,8 +46,8 @@ class Cuts:
     """Per task row: the magnitudes at ranks low and high - 1 (None when that
     side drops nothing) and how many entries lie strictly below each."""
 
-    def __init__(self, low, high, numel, low_value, high_value, below_low, below_high):
-        self.low, self.high, self.numel = low, high, numel
+    def __init__(self, low, high, low_value, high_value, below_low, below_high):
+        self.low, self.high = low, high
         self.low_value, self.high_value = low_value, high_value
         self.below_low, self.below_high = below_low, below_high
         self.seen_low = self.seen_high = None  # ties met in earlier blocks
@@ -82,7 +82,7 @@ def _whole_cuts(taus: torch.Tensor, low: int, high: int) -> Cuts:
     low_value = a.kthvalue(low + 1, dim=1).values if low > 0 else None
     high_value = a.kthvalue(high, dim=1).values if high < numel else None
     below = lambda v: None if v is None else (a < v.unsqueeze(1)).sum(1)
-    return Cuts(low, high, numel, low_value, high_value, below(low_value), below(high_value))
+    return Cuts(low, high, low_value, high_value, below(low_value), below(high_value))
 
 
 def _blocks_cuts(job, rows, spans, low: int, high: int) -> Cuts:
@@ -99,7 +99,7 @@ def _blocks_cuts(job, rows, spans, low: int, high: int) -> Cuts:
         if high_value is not None:
             n = (a < high_value.unsqueeze(1)).sum(1)
             below_high = n if below_high is None else below_high + n
-    return Cuts(low, high, numel, low_value, high_value, below_low, below_high)
+    return Cuts(low, high, low_value, high_value, below_low, below_high)
 
 
 def _breadcrumbs_linear(job, taus, b):
@@ -146,12 +146,13 @@ def breadcrumbs_passes(job) -> int:
     return 2 + selections * (8 * compute_dtype(job.dtype).itemsize // 16)
 
 
-# Task vectors, magnitudes, masks and the int64 tie counts; on a GPU in row
+# Task vectors (a list and its stack while they are made), magnitudes, the
+# kept values, the masks and two int64 tie ranks per entry; on a GPU in row
 # blocks also the 64-bit radix digits.
 BREADCRUMBS_COST = Cost(
-    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + 4 * T * work + 10 * T + 2 * work
+    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + 4 * T * work + 24 * T + 2 * work
     + in_b + out_b,
-    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + 10 * T * work + 10 * T + 2 * work + in_b,
+    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + 10 * T * work + 24 * T + 2 * work + in_b,
     passes=breadcrumbs_passes,
 )
 

@@ -136,11 +136,12 @@ def _treatment(name: str, combine) -> Treatment:
     return Treatment(name, whole, blocks, DARE_COST)
 
 
-# Task vectors in the compute dtype, the base and the result in it, and for
-# the task being masked two int64 words and the mask per element.
+# Task vectors in the compute dtype (a list and its stack while they are
+# made), the base, the rescaled task and the result in it, and for the task
+# being masked two int64 words and the mask per element.
 DARE_COST = Cost(
-    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + (T + 3) * work + 17 + in_b + out_b,
-    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + (T + 3) * work + 17 + in_b,
+    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + (2 * T + 4) * work + 17 + in_b + out_b,
+    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + (2 * T + 4) * work + 17 + in_b,
 )
 
 DARE_LINEAR = _treatment("dare-linear", _dare_linear)
