@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import MergeError
-from . import cart, elementwise, svd_family, ties
+from . import breadcrumbs, cart, dare, elementwise, svd_family, ties
 from .elementwise import _inputs
 from .spec import Cost, Decision, MethodSpec, Param, TensorJob, Treatment
 
-FAMILIES = (elementwise, ties, cart, svd_family)
+FAMILIES = (elementwise, ties, cart, svd_family, dare, breadcrumbs)
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for family in FAMILIES for spec in family.METHODS}
 METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
