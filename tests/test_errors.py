@@ -150,9 +150,11 @@ def test_unknown_method_lists_the_valid_ones():
     models, _ = models_and_base()
     with pytest.raises(MergeError, match="method") as info:
         ccsmerge.merge(models, "slerp")
-    for name in ("average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts"):
+    listed = {"average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts",
+              "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
+    for name in listed:
         assert name in str(info.value)
-    assert set(METHODS) == {"average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts"}
+    assert set(METHODS) == listed
 
 
 @pytest.mark.parametrize(

@@ -99,13 +99,8 @@ def combined(taus: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def ties_consensus(taus: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """TIES' sign election over (T, N) task vectors whose dropped entries are
-    zero, then the disjoint mean (ties.elect_and_merge) or, as mergekit does
-    without normalize, the sum of the values that agree with the elected sign."""
-    if normalize:
-        return elect_and_merge(taus)
-    agrees = (torch.sign(taus) == torch.sign(taus.sum(0))) & (taus != 0)
-    return (taus * agrees).sum(0)
+    """TIES' sign election (ties.elect_and_merge): the disjoint mean, or the agreeing values' sum."""
+    return elect_and_merge(taus, normalize)
 
 
 def _dare_linear(job, taus, b):

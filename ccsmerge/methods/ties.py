@@ -23,13 +23,16 @@ def task_vectors(xs: list[torch.Tensor], base: torch.Tensor) -> tuple[torch.Tens
     return torch.stack([x.to(work).reshape(-1) - b.reshape(-1) for x in xs]), b
 
 
-def elect_and_merge(taus: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election and disjoint mean of (T, N) task vectors whose
-    dropped entries are zero: the mean, per element, of the values whose sign
-    agrees with the sign of their sum."""
+def elect_and_merge(taus: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """TIES' sign election over (T, N) task vectors whose dropped entries are
+    zero: per element, the values whose sign agrees with the sign of their
+    sum, averaged (the disjoint mean) or, without normalize, summed (as
+    mergekit's TIES-style methods do by default)."""
     elected = torch.sign(taus.sum(0))
     agrees = (torch.sign(taus) == elected) & (taus != 0)
     kept_sum = (taus * agrees).sum(0)
+    if not normalize:
+        return kept_sum
     kept_count = agrees.sum(0).clamp_(min=1)
     return kept_sum / kept_count
 
