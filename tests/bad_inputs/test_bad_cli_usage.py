@@ -1,0 +1,88 @@
+"""Mistakes at the command line: a typo'd flag, `--model A B`, a device
+ccsmerge does not run on, a Hugging Face Hub id where a folder is expected,
+sizes too large to be sizes, and a reader that goes away (`ccsmerge plan |
+head`). Each gets a message that says what to type instead; none leaves an
+output or a partial folder, or touches the inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ccsmerge
+from ccsmerge.streaming import partial_folder
+from checkpoints import run_main, toy_set, tree_snapshot, write_set
+
+VALID_DEVICES = "auto, cpu, cuda, cuda:N"
+HUGE = "9" * 400
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """(root, base, [three models]) of the toy architecture."""
+    root = tmp_path_factory.mktemp("usage")
+    base, models = toy_set(3, width=16, vocab=16)
+    base_path, paths = write_set(root, base, models)
+    return root, base_path, paths
+
+
+def flags(paths) -> list:
+    return [a for p in paths for a in ("--model", p)]
+
+
+def refused(inputs, tmp_path, capsys, argv) -> tuple[int, list[str]]:
+    """Run ccsmerge argv (its `{out}` replaced by a fresh output path) and
+    check that nothing was written: (exit code, stderr lines)."""
+    root = inputs[0]
+    out = tmp_path / "out"
+    before = tree_snapshot(root)
+    code, stdout, err = run_main([out if a == "{out}" else a for a in argv], capsys)
+    assert stdout == "" and "Traceback" not in err, err
+    assert not out.exists() and not partial_folder(out).exists()
+    assert tree_snapshot(root) == before
+    return code, err.splitlines()
+
+
+def assert_usage_error(code, lines, command, *fragments):
+    """argparse's refusal by the subcommand: its usage, then one error line."""
+    assert code == 2, lines
+    assert lines[0].startswith(f"usage: ccsmerge {command} "), lines  # the subcommand's usage, not the top level's
+    assert lines[-1].startswith(f"ccsmerge {command}: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
+def assert_error_line(code, lines, *fragments):
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("ccsmerge: error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# ----------------------------------------------------------------------------- Hub ids
+
+
+@pytest.mark.parametrize("where", ["--model", "--base"])
+def test_a_hub_id_says_how_to_download_it(inputs, tmp_path, capsys, where, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # org/name is relative: not a folder here
+    _, base, paths = inputs
+    if where == "--model":
+        models = [*flags([paths[0], "org/name"]), "--base", base]
+    else:
+        models = [*flags(paths), "--base", "org/name"]
+    code, lines = refused(inputs, tmp_path, capsys, ["merge", "--method", "ties", *models, "--out", "{out}"])
+    assert_error_line(
+        code, lines, "org/name: no such file or folder", "reads local folders",
+        "huggingface-cli download org/name --local-dir DIR",
+    )
+
+
+def test_a_missing_path_that_is_no_hub_id_gets_no_hint(inputs, tmp_path, capsys):
+    code, lines = refused(inputs, tmp_path, capsys, ["plan", *flags([inputs[2][0], tmp_path / "gone"])])
+    assert_error_line(code, lines, f"{tmp_path / 'gone'}: no such file or folder")
+    assert "huggingface" not in lines[0]
