@@ -35,6 +35,7 @@ from ._version import __version__
 from .blockwise import merge_in_blocks
 from .checkpoint import Checkpoint
 from .config import NEEDS_BASE, MergeConfig
+from .devices import parse_device
 from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError, MergeInterrupted
 from .merge import full_precision_matmuls, make_config, merge_tensor, resolve_device
@@ -83,10 +84,7 @@ def planning_device(device: str) -> torch.device:
     ("auto": CUDA when available)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise MergeError(f"device: {exc}") from None
+    return parse_device(device)
 
 
 def partial_folder(out: Path) -> Path:

@@ -64,6 +64,28 @@ def assert_error_line(code, lines, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+# ----------------------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1", "CUDA", "meta", "cuda:300"])
+@pytest.mark.parametrize("command", ["plan", "merge", "index"])
+def test_a_wrong_device_lists_the_valid_ones(inputs, tmp_path, capsys, command, device):
+    out = ["--out", "{out}"] if command != "plan" else []
+    code, lines = refused(inputs, tmp_path, capsys, [command, *flags(inputs[2]), "--device", device, *out])
+    assert_error_line(code, lines, "device", repr(device), VALID_DEVICES)
+    assert "xla" not in lines[0] and "vulkan" not in lines[0]  # not torch's list of device types
+
+
+def test_cuda_300_is_not_taken_for_another_gpu():
+    """torch keeps a device index in 8 bits: cuda:300 would quietly become cuda:44."""
+    from ccsmerge.devices import parse_device
+
+    with pytest.raises(ccsmerge.MergeError, match="GPU index 300 is out of range"):
+        parse_device("cuda:300")
+    assert parse_device("cuda:7") == torch.device("cuda", 7)
+    assert parse_device("cpu") == torch.device("cpu")
+
+
 # ----------------------------------------------------------------------------- Hub ids
 
 
@@ -86,3 +108,37 @@ def test_a_missing_path_that_is_no_hub_id_gets_no_hint(inputs, tmp_path, capsys)
     code, lines = refused(inputs, tmp_path, capsys, ["plan", *flags([inputs[2][0], tmp_path / "gone"])])
     assert_error_line(code, lines, f"{tmp_path / 'gone'}: no such file or folder")
     assert "huggingface" not in lines[0]
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    "option, value, fragments",
+    [
+        ("--max-memory", HUGE, ["max_memory", "too large", "400 characters"]),
+        ("--out-shard-size", HUGE, ["out_shard_size", "too large"]),
+        ("--max-gpu-memory", HUGE + "GB", ["max_gpu_memory", "too large"]),
+        ("--max-memory", "9" * 5000, ["max_memory", "too large"]),  # past Python's 4300-digit conversion limit
+        ("--max-memory", "9223372036854775808", ["max_memory", "too large"]),  # 2**63
+        ("--out-shard-size", "1e400GB", ["out_shard_size", "cannot read"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["plan", "merge"])
+def test_a_size_too_large_names_the_option(inputs, tmp_path, capsys, command, option, value, fragments):
+    out = ["--out", "{out}"] if command == "merge" else []
+    code, lines = refused(inputs, tmp_path, capsys, [command, *flags(inputs[2]), f"{option}={value}", *out])
+    assert_error_line(code, lines, *fragments)
+
+
+def test_sizes_are_exact_up_to_the_largest(capsys, inputs):
+    from ccsmerge.sizes import MAX_SIZE, parse_size
+
+    assert parse_size("4.35KB") == 4350  # float arithmetic gave 4349
+    assert parse_size("0.5MiB") == 2**19
+    assert parse_size(str(MAX_SIZE)) == MAX_SIZE == 2**63 - 1
+    # The largest budget plans like any generous one.
+    argv = ["plan", *flags(inputs[2]), f"--max-memory={MAX_SIZE}", f"--out-shard-size={MAX_SIZE}"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    assert "0 tensors merged in row blocks" in out
