@@ -64,6 +64,58 @@ def assert_error_line(code, lines, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+# ----------------------------------------------------------------------------- typo'd flags
+
+TYPOS = {
+    # name: (command, typed, suggested)
+    "underscore": ("merge", ["--rank_ratio", "0.1"], "--rank-ratio"),
+    "misspelt": ("merge", ["--lamda", "2"], "--lam"),
+    "plan-underscore": ("plan", ["--max_memory", "2GB"], "--max-memory"),
+    "with-equals": ("plan", ["--out_shard_size=1GB"], "--out-shard-size"),
+    "merge-only-flag": ("merge", ["--overwirte"], "--overwrite"),
+}
+
+
+@pytest.mark.parametrize("typo", list(TYPOS))
+def test_a_typo_gets_the_subcommands_usage_and_the_closest_flag(inputs, tmp_path, capsys, typo):
+    command, typed, suggested = TYPOS[typo]
+    out = ["--out", "{out}"] if command == "merge" else []
+    code, lines = refused(inputs, tmp_path, capsys, [command, *flags(inputs[2]), *typed, *out])
+    assert_usage_error(code, lines, command, f"unrecognized arguments: {typed[0]}", f"did you mean {suggested}?")
+
+
+def test_a_typo_in_the_index_command(inputs, tmp_path, capsys):
+    argv = ["index", *flags(inputs[2]), "--rank_ratio", "0.1", "--out", "{out}"]
+    code, lines = refused(inputs, tmp_path, capsys, argv)
+    assert_usage_error(code, lines, "index", "--rank_ratio", "did you mean --rank-ratio?")
+
+
+def test_an_unknown_word_gets_no_made_up_suggestion(inputs, tmp_path, capsys):
+    code, lines = refused(inputs, tmp_path, capsys, ["plan", *flags(inputs[2]), "--zzzzzz"])
+    assert_usage_error(code, lines, "plan", "unrecognized arguments: --zzzzzz")
+    assert "did you mean" not in lines[-1]
+
+
+# ----------------------------------------------------------------------------- --model A B
+
+
+@pytest.mark.parametrize("command", ["merge", "plan", "search"])
+def test_models_after_one_model_flag_are_explained(inputs, tmp_path, capsys, command):
+    a, b, c = map(str, inputs[2])
+    tail = {"merge": ["--out", "{out}"], "plan": [], "search": ["--evaluate", "json:loads"]}[command]
+    code, lines = refused(inputs, tmp_path, capsys, [command, "--model", a, b, c, *tail])
+    assert_usage_error(
+        code, lines, command, f"'{b}', '{c}' follow --model {a}", "each model needs its own --model",
+        f"(--model {a} --model {b} --model {c})",
+    )
+
+
+def test_one_model_after_a_model_flag_with_equals(inputs, tmp_path, capsys):
+    a, b, c = map(str, inputs[2])
+    code, lines = refused(inputs, tmp_path, capsys, ["plan", f"--model={a}", b, "--model", c])
+    assert_usage_error(code, lines, "plan", f"'{b}' follows --model {a}", f"(--model {a} --model {b})")
+
+
 # ----------------------------------------------------------------------------- devices
 
 
@@ -142,3 +194,28 @@ def test_sizes_are_exact_up_to_the_largest(capsys, inputs):
     code, out, err = run_main(argv, capsys)
     assert code == 0, err
     assert "0 tensors merged in row blocks" in out
+
+
+# ----------------------------------------------------------------------------- a closed pipe
+
+
+def test_plan_into_head_exits_quietly(tmp_path):
+    """`ccsmerge plan ... | head -2`: head closes the pipe after two lines; the
+    plan stops without a word and exits 141 (128 + SIGPIPE), as cat and git do."""
+    # Enough tensors that the plan (about 70 bytes a line) overfills the pipe.
+    paths = []
+    for i in range(2):
+        (tmp_path / f"m{i}").mkdir()
+        tensors = {f"layer{j:05d}.weight": torch.full((2,), float(i)) for j in range(4000)}
+        save_file(tensors, tmp_path / f"m{i}" / "model.safetensors")
+        paths.append(tmp_path / f"m{i}")
+    env = dict(os.environ, PYTHONPATH=str(Path(ccsmerge.__file__).resolve().parents[1]))
+    argv = [sys.executable, "-m", "ccsmerge", "plan", *map(str, flags(paths)), "--method", "average", "--device", "cpu"]
+    plan = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    head = subprocess.run(["head", "-2"], stdin=plan.stdout, capture_output=True, text=True, timeout=300, check=False)
+    plan.stdout.close()
+    err = plan.stderr.read().decode()
+    assert plan.wait(timeout=300) == 141, err
+    assert err == ""  # no BrokenPipeError, no "Exception ignored"
+    assert head.stdout.splitlines()[0].split() == ["tensor", "shape", "dtype", "policy", "merged", "memory"]
+    assert len(head.stdout.splitlines()) == 2
