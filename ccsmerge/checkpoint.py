@@ -10,9 +10,12 @@ memory."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,25 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# fp8 weights come with scale tensors (weight_scale_inv, ...) that a merge
+# would treat as ordinary tensors: merging the codes and the scales apart is
+# not a merge of the weights they encode.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+MERGEABLE_DTYPES = frozenset(TORCH_TO_SAFETENSORS) - set(FP8_DTYPES)
+# The safetensors header keeps this key for the file's metadata: a tensor so
+# named would overwrite it in the output.
+RESERVED_NAMES = ("__metadata__",)
+
+# PEFT adapters: their config file, and the names of LoRA factors.
+ADAPTER_CONFIG = "adapter_config.json"
+_LORA_FACTOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
+_ADAPTER_ADVICE = (
+    "ccsmerge merges full models, and adapters are not supported as inputs yet: merge each adapter into "
+    "its base first (with peft: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
+    "save_pretrained) and merge those folders"
+)
+# A Hugging Face Hub id: "org/name".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 # Files of a model folder that travel with the merged weights.
 AUX_PATTERNS = (
@@ -99,7 +121,11 @@ class Checkpoint:
             for name, info in infos.items():
                 if name in self.tensors:
                     raise MergeError(f"{file}: tensor '{name}' is also in {self.tensors[name].file}")
+                _check_mergeable(info)
                 self.tensors[name] = info
+        if not self.tensors:
+            where = files[0] if len(files) == 1 else self.path
+            raise MergeError(f"{where}: holds no tensors (a model to merge needs its weights)")
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
@@ -157,6 +183,13 @@ class Checkpoint:
             state = _torch_load(file, mmap=False)
             warnings.warn(f"{file} is in torch's legacy format, which cannot be memory-mapped: it is loaded whole")
             self._eager[file] = state
+        for name, t in state.items():
+            if t.layout != torch.strided:
+                raise MergeError(f"{file}: tensor '{name}' is a sparse tensor ({t.layout}); only dense tensors merge")
+            if t.is_quantized:
+                raise MergeError(f"{file}: tensor '{name}' is quantized ({t.dtype}); dequantize the checkpoint first")
+            if t.device.type != "cpu":  # a meta tensor: a shape without data
+                raise MergeError(f"{file}: tensor '{name}' holds no data (it is on the {t.device.type} device)")
         return {name: TensorInfo(name, tuple(t.shape), t.dtype, file) for name, t in state.items()}
 
 
@@ -194,6 +227,24 @@ def _one_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _check_mergeable(info: TensorInfo) -> None:
+    """Refuse tensors that a merge would get wrong, by file and name."""
+    where = f"{info.file}: tensor '{info.name}'"
+    if info.name in RESERVED_NAMES:
+        raise MergeError(f"{where}: the name is reserved by the safetensors format (for a file's metadata); rename it")
+    if _LORA_FACTOR.search(info.name):
+        raise MergeError(f"{where} is a LoRA factor: this is a PEFT adapter, not a model; {_ADAPTER_ADVICE}")
+    if info.dtype in FP8_DTYPES:
+        raise MergeError(
+            f"{where} is {TORCH_TO_SAFETENSORS[info.dtype]} ({str(info.dtype).replace('torch.', '')}): fp8 "
+            "checkpoints carry scale tensors that a plain merge would combine wrongly; dequantize the "
+            "checkpoint to bfloat16 or float32 first"
+        )
+    if info.dtype not in MERGEABLE_DTYPES:
+        valid = ", ".join(str(d).replace("torch.", "") for d in SAFETENSORS_DTYPES.values() if d in MERGEABLE_DTYPES)
+        raise MergeError(f"{where} has unsupported dtype {str(info.dtype).replace('torch.', '')} (supported: {valid})")
+
+
 def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
     try:
         with safe_open(file, framework="pt") as f:
@@ -211,31 +262,93 @@ def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
         raise MergeError(f"{file}: not a readable safetensors file: {exc}") from None
 
 
+def _what_is(path: Path) -> str:
+    """What stands at path, by stat alone (a FIFO or a device is never opened:
+    a FIFO would block forever): "file" (a regular one, after symbolic links),
+    "folder", "missing", or anything else as the rest of a sentence ("is a FIFO ...")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        return "missing"
+    except (OSError, ValueError) as exc:  # a loop of links, a name the file system cannot hold, ...
+        if getattr(exc, "errno", None) == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be looked up ({getattr(exc, 'strerror', None) or exc})"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"is {kind}, not a regular file (ccsmerge reads only regular files)"
+
+
+def regular_file_problem(path: Path) -> str | None:
+    """None when path is a regular file; else what is wrong with it ("is a FIFO ...")."""
+    kind = _what_is(path)
+    return {"file": None, "folder": "is a folder, not a file", "missing": "does not exist"}.get(kind, kind)
+
+
+def _require_file(path: Path) -> Path:
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise MergeError(f"{path}: {problem}")
+    return path
+
+
+def hub_id_hint(text: str) -> str:
+    """For a path that does not exist: what to do if it is a Hugging Face Hub id ("" otherwise)."""
+    if not _HUB_ID.match(text) or text.endswith((".json", ".safetensors", *TORCH_SUFFIXES)):
+        return ""
+    return (
+        f"; ccsmerge reads local folders: if {text} is a Hugging Face Hub id, download it first "
+        f"(huggingface-cli download {text} --local-dir DIR) and give DIR"
+    )
+
+
 def _resolve(path: Path) -> tuple[Path | None, list[Path], dict[str, Path] | None]:
     """(folder for aux files, weight files, name -> file map from an index or None)."""
-    if not path.exists():
-        raise MergeError(f"{path}: no such file or folder")
-    if path.is_dir():
-        for index in (SAFETENSORS_INDEX, TORCH_INDEX):
-            if (path / index).is_file():
-                files, weight_map = _read_index(path / index)
-                return path, files, weight_map
-        for single in (SAFETENSORS_SINGLE, TORCH_SINGLE):
-            if (path / single).is_file():
-                return path, [path / single], None
-        loose = sorted(path.glob("*.safetensors"))
-        if len(loose) == 1:
-            return path, loose, None
-        raise MergeError(
-            f"{path}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
-            f"{TORCH_INDEX}, {TORCH_SINGLE})"
-        )
+    kind = _what_is(path)
+    if kind == "missing":
+        raise MergeError(f"{path}: no such file or folder{hub_id_hint(str(path))}")
+    if kind == "folder":
+        return _resolve_folder(path)
+    if kind != "file":
+        raise MergeError(f"{path}: {kind}")
     if path.name.endswith(".index.json"):
         files, weight_map = _read_index(path)
         return path.parent, files, weight_map
     if path.suffix == ".safetensors" or path.suffix in TORCH_SUFFIXES:
         return None, [path], None
     raise MergeError(f"{path}: not a checkpoint (expected a model folder, .safetensors, .bin, .pt or .pth)")
+
+
+def _resolve_folder(path: Path) -> tuple[Path, list[Path], dict[str, Path] | None]:
+    # Whatever stands at a weight file's name is taken (and refused unless a
+    # regular file): a FIFO or a dangling link there is not skipped silently.
+    if os.path.lexists(path / ADAPTER_CONFIG):
+        raise MergeError(f"{path}: a PEFT adapter ({ADAPTER_CONFIG}), not a model; {_ADAPTER_ADVICE}")
+    for index in (SAFETENSORS_INDEX, TORCH_INDEX):
+        if os.path.lexists(path / index):
+            files, weight_map = _read_index(_require_file(path / index))
+            return path, files, weight_map
+    for single in (SAFETENSORS_SINGLE, TORCH_SINGLE):
+        if os.path.lexists(path / single):
+            return path, [_require_file(path / single)], None
+    loose = sorted(p for p in path.glob("*.safetensors") if _what_is(p) != "folder")
+    if len(loose) == 1:
+        return path, [_require_file(loose[0])], None
+    raise MergeError(
+        f"{path}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+        f"{TORCH_INDEX}, {TORCH_SINGLE})"
+    )
 
 
 def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
@@ -253,12 +366,9 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, Path]]:
         if relative.is_absolute() or ".." in relative.parts:
             raise MergeError(f"{index}: tensor '{name}' points outside the folder ({filename})")
         file = index.parent / relative
-        try:
-            exists = file.is_file()
-        except (OSError, ValueError):  # a name the file system cannot hold
-            exists = False
-        if not exists:
-            raise MergeError(f"{index}: tensor '{name}' is in {filename}, which does not exist")
+        problem = regular_file_problem(file)
+        if problem is not None:
+            raise MergeError(f"{index}: tensor '{name}' is in {filename}, which {problem}")
         resolved[name] = file
     files = list(dict.fromkeys(resolved.values()))
     return files, resolved

@@ -16,6 +16,7 @@ import threading
 import traceback
 from collections import Counter
 
+from .cli_parser import CcsmergeParser, exit_quietly_on_broken_pipe
 from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS
 from .errors import MergeError, Terminated
 from .methods import REGISTRY
@@ -91,7 +92,7 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccsmerge", description="Merge fine-tuned models (CART, TIES, ...).")
+    parser = CcsmergeParser(prog="ccsmerge", description="Merge fine-tuned models (CART, TIES, ...).")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="merge checkpoints into a sharded safetensors folder")
     _inputs(merge)
@@ -180,6 +181,7 @@ def run_search(args: argparse.Namespace) -> None:
     for row in result.table:
         print("  ".join(f"{row[k]:>22.6g}" for k in keys + ["score"]))
     print(f"best: {json.dumps(result.best)} score {result.best_score:.6g}")
+    sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
 
 
 def merge_arguments(args: argparse.Namespace) -> dict:
@@ -238,6 +240,7 @@ def print_plan(plan) -> None:
             "of pinned staging buffers"
         )
     print(f"reads {format_size(plan.read_bytes)}, writes {format_size(plan.write_bytes)} in {len(plan.shards)} shards")
+    sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"ccsmerge: {exc or 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except BrokenPipeError:  # `ccsmerge plan | head`: stop quietly, as cat and git do
+        return exit_quietly_on_broken_pipe()
     except Exception as exc:  # one readable line; --debug shows where
         if args.debug:
             traceback.print_exc()

@@ -9,6 +9,7 @@ import pydantic
 import torch
 
 from .config import MergeConfig, valid_options
+from .devices import parse_device
 from .errors import MergeError
 from .execute import merge_whole, to_compute_device  # noqa: F401 (to_compute_device: re-exported)
 from .methods import decide
@@ -35,10 +36,7 @@ def make_config(**options) -> MergeConfig:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise MergeError(f"device: {exc}") from None
+    resolved = parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("device: CUDA was requested but no CUDA device is available")
     return resolved

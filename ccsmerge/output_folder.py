@@ -242,7 +242,10 @@ class OutputFolder:
         if out.name in ("", ".", ".."):
             raise MergeError(f"{out}: not a folder name to write to; give the output folder by name (e.g. ../merged)")
         for given in self.inputs:
-            where = given.resolve()
+            try:
+                where = Path(given).resolve()
+            except (RuntimeError, OSError):  # a symlink loop: the reader refuses the input by name
+                continue
             if target == where or target in where.parents:
                 raise MergeError(f"{out}: the output would replace the input {given}")
             if where in target.parents:

@@ -15,6 +15,7 @@ Relative model paths are relative to the YAML file's folder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,10 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ._version import __version__
+from .checkpoint import hub_id_hint, regular_file_problem
 from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS, MergeConfig, options_of
 from .errors import MergeError
 
 DTYPES = ("bfloat16", "float16", "float32")
+MAX_RECIPE_BYTES = 16 * 2**20  # a recipe is a few lines per model
+MAX_RECIPE_DEPTH = 32  # of nested lists and mappings; a recipe has 4
 
 
 class ModelEntry(BaseModel):
@@ -105,8 +109,22 @@ def parse_recipe(data: object, source: str) -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """A validated recipe from a YAML file, with model paths made absolute."""
     path = Path(path)
+    problem = regular_file_problem(path)
+    if problem is not None:  # never opened: a FIFO would block, a device never end
+        raise MergeError(f"{path}: cannot read: {problem}")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise MergeError(f"{path}: {size} bytes is too large for a merge recipe (the most is {MAX_RECIPE_BYTES})")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        # Depth first, from the parser's events (no recursion, and it stops at
+        # the limit): composing a deep document recurses, and slowly.
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_RECIPE_DEPTH:
+                raise RecursionError
+        data = yaml.safe_load(text)
     except OSError as exc:
         raise MergeError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -114,13 +132,21 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise MergeError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        deep = f"nested more than {MAX_RECIPE_DEPTH} levels deep: not a merge recipe"
+        why = deep if isinstance(exc, RecursionError) else "not UTF-8 text"
+        raise MergeError(f"{path}: {why}") from None
     if not isinstance(data, dict):
         raise MergeError(f"{path}: expected a mapping with merge_method and models")
     recipe = parse_recipe(data, str(path))
     folder = path.resolve().parent
 
     def absolute(p: str) -> str:
-        return str((folder / Path(p).expanduser()).resolve())
+        found = folder / Path(p).expanduser()
+        hint = hub_id_hint(p)
+        if hint and not os.path.lexists(found):  # a Hub id, as mergekit recipes give them
+            raise MergeError(f"{path}: model {p} is not a folder beside the recipe{hint}")
+        return str(found.resolve())
 
     return recipe.model_copy(
         update={

@@ -22,6 +22,7 @@ import torch
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .config import MergeConfig
+from .devices import parse_device
 from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError
 from .merge import full_precision_matmuls, make_config, resolve_device
@@ -57,10 +58,7 @@ def planning_device(device: str) -> torch.device:
     ("auto": CUDA when available)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise MergeError(f"device: {exc}") from None
+    return parse_device(device)
 
 
 @dataclass

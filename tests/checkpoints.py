@@ -197,3 +197,68 @@ def budgets_until_accepted(plan, budget: int, needs: str, slack: int) -> list[st
             assert found.group(1) not in refused, exc
             refused.append(found.group(1))
             budget = parse_size(found.group(2)) + slack
+
+
+# ----------------------------------------------------------------------------- refusals (tests/bad_inputs)
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under root: a regular file's sha256, a link's target, or
+    the kind of anything else. Nothing but regular files is opened (a FIFO
+    would block) and no link is followed (a loop would never end)."""
+    import hashlib
+    import os
+    import stat
+
+    entries = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                entries[str(path.relative_to(root))] = "link -> " + os.readlink(path)
+            elif stat.S_ISREG(mode):
+                entries[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                entries[str(path.relative_to(root))] = stat.filemode(mode)
+    return entries
+
+
+def raw_safetensors(header: dict | bytes, data: bytes) -> bytes:
+    """A safetensors file by hand: 8-byte little-endian header length, JSON header, data."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """ccsmerge.cli.main in this process: (exit code, stdout, stderr); argparse's exits included."""
+    from ccsmerge.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_child(argv, timeout: float = 120, **popen) -> tuple[int, str, str]:
+    """`python -m ccsmerge ARGV` in a child process that imports this
+    checkout's ccsmerge: (exit code, stdout, stderr). A hang fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    import ccsmerge
+
+    env = dict(os.environ, PYTHONPATH=str(Path(ccsmerge.__file__).resolve().parents[1]))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ccsmerge", *map(str, argv)],
+            capture_output=True, text=True, timeout=timeout, env=env, check=False, **popen,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ccsmerge {' '.join(map(str, argv))} still running after {timeout} s")
+    return done.returncode, done.stdout, done.stderr
