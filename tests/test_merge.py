@@ -358,7 +358,7 @@ def test_default_lam_per_method(method, expected_lam):
 
     def run(**kw):
         # A fresh copy of the base per call: that merge leaves its inputs
-        # alone is tested on its own (test_errors.py, test_merging_the_same_inputs_twice...).
+        # alone is tested on its own (tests/bad_inputs/test_bad_api_inputs.py, test_merging_the_same_inputs_twice...).
         b = {k: v.clone() for k, v in base.items()}
         cart_options = dict(svd="exact", rank_ratio=0.25) if method == "cart" else {}
         return ccsmerge.merge(models, method, base=b, **cart_options, **kw)
