@@ -11,7 +11,7 @@ import torch
 from .config import MergeConfig, valid_options
 from .devices import parse_device
 from .errors import MergeError
-from .execute import merge_whole, to_compute_device  # noqa: F401 (to_compute_device: re-exported)
+from .execute import merge_whole
 from .methods import decide
 
 StateDict = Mapping[str, torch.Tensor]

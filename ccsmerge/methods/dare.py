@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..numerics import compute_dtype, tensor_seed
+from ..numerics import tensor_seed
 from .elementwise import _inputs
 from .params import DENSITY, LAM, SEED
 from .spec import Cost, Decision, MethodSpec, Param, Treatment

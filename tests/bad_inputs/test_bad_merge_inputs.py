@@ -6,10 +6,8 @@ under the test folder, the inputs included, byte for byte as it was."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +19,15 @@ import yaml
 from ccsmerge import MergeError, merge_checkpoints, plan_checkpoints
 from ccsmerge.cli import main
 from ccsmerge.streaming import partial_folder
-from checkpoints import budgets_until_accepted, load_output, shard_files, toy_set, write_checkpoint
+from checkpoints import (
+    budgets_until_accepted,
+    load_output,
+    raw_safetensors,
+    shard_files,
+    toy_set,
+    tree_snapshot,
+    write_checkpoint,
+)
 
 NAN = float("nan")
 INF = float("inf")
@@ -61,20 +67,6 @@ def both(paths, **options) -> tuple[list[str], dict]:
         flag = "--" + key.replace("_", "-")
         cli += [flag] if value is True else [f"{flag}={value}"]  # `=`: values such as -1GB are not options
     return cli, {"models": list(paths), **options}
-
-
-def raw_safetensors(header: dict | bytes, data: bytes) -> bytes:
-    """A safetensors file by hand: 8-byte little-endian header length, JSON header, data."""
-    text = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + data
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file (its sha256) and folder under root."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
-        for p in sorted(root.rglob("*"))
-    }
 
 
 class CreatesMarker:
@@ -331,7 +323,7 @@ def test_bad_input_is_refused_cleanly(tmp_path, capsys, name, via):
     case = SCENARIOS[name](tmp_path)
     out = case.out or tmp_path / "out"
     out_existed = out.exists()
-    before = snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
 
     if via == "api":
         with pytest.raises(MergeError) as info:
@@ -351,7 +343,7 @@ def test_bad_input_is_refused_cleanly(tmp_path, capsys, name, via):
 
     for fragment in case.expect:
         assert fragment in message, (fragment, message)
-    assert snapshot(tmp_path) == before  # inputs untouched, nothing new (no marker, no output)
+    assert tree_snapshot(tmp_path) == before  # inputs untouched, nothing new (no marker, no output)
     assert out.exists() == out_existed
     assert not partial_folder(out).exists()
 
@@ -368,7 +360,7 @@ def test_allow_nonfinite_merges_nan_and_inf(tmp_path, capsys, method, via):
 
     paths = write_models(tmp_path, poison)
     out = tmp_path / "out"
-    before = snapshot(tmp_path)
+    before = tree_snapshot(tmp_path)
     if via == "api":
         merge_checkpoints(paths, out, method=method, device="cpu", allow_nonfinite=True)
     else:
@@ -378,7 +370,7 @@ def test_allow_nonfinite_merges_nan_and_inf(tmp_path, capsys, method, via):
     merged = load_output(out)
     assert merged[V].isnan().any() and merged[NORM].isinf().any()
     assert merged[Q].isfinite().all()
-    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("out")} == before
+    assert {k: v for k, v in tree_snapshot(tmp_path).items() if not k.startswith("out")} == before
     assert not partial_folder(out).exists()
 
 
@@ -396,7 +388,7 @@ def test_the_minimum_budget_named_is_enough(tmp_path):
 def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys, via):
     paths = write_models(tmp_path)
     out = filled_output(tmp_path)
-    inputs = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("out")}
+    inputs = {k: v for k, v in tree_snapshot(tmp_path).items() if not k.startswith("out")}
     if via == "api":
         merge_checkpoints(paths, out, device="cpu", overwrite=True)
     else:
@@ -405,5 +397,5 @@ def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys, via):
         assert code == 0, err
     assert not (out / "keep.txt").exists() and not (out / "sub").exists()
     assert shard_files(out) and set(load_output(out)) == set(MODELS[0])
-    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("out")} == inputs
+    assert {k: v for k, v in tree_snapshot(tmp_path).items() if not k.startswith("out")} == inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft0", "ft1", "ft2", "out"]  # no partial, no old copy
