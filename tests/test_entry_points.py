@@ -4,7 +4,7 @@ recipe. The cases are generated from the registry, so a new method is
 covered the moment it is registered; each entry point must give the same
 bytes (row blocks: the same values up to the GEMMs' summation order, within
 a stated tolerance for low-rank treatments). The mergekit plugin's leg runs
-in tests/test_mergekit.py (the mergekit CI stage)."""
+in tests/integrations/test_mergekit.py (the mergekit CI stage)."""
 
 from __future__ import annotations
 
