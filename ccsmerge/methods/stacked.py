@@ -38,9 +38,17 @@ def slices(
     for i in range(flat[0].shape[0]):
         yield (
             slice_job(job, first_row * per_row + i),
-            [x[i] for x in flat],
-            flat_base[i] if flat_base is not None else None,
+            [_aligned(x[i]) for x in flat],
+            _aligned(flat_base[i]) if flat_base is not None else None,
         )
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """The slice itself, or a copy where it does not start on an aligned
+    address: BLAS libraries choose kernels by their operands' alignment, so
+    a slice merges to the same bytes whatever block (or whole) it came in."""
+    alignment = 256 if x.device.type == "cuda" else 64
+    return x if x.data_ptr() % alignment == 0 else x.clone()
 
 
 def _merge_slices(job, whole, xs, base, first_row: int) -> torch.Tensor:
@@ -59,8 +67,9 @@ def _matrix(job: TensorJob) -> TensorJob:
 def stacked(treatment: Treatment) -> Treatment:
     """The per-slice form of a 2-D treatment, with its memory model: the
     stack's inputs and result per element, and kept beside them one slice's
-    workspace (the 2-D treatment's cost of an m x n matrix less its inputs,
-    which are views of the stack's, plus its sketches and factors)."""
+    workspace (the 2-D treatment's cost of an m x n matrix, its inputs being
+    views of the stack's or their aligned copies, plus its sketches and
+    factors)."""
     cost = treatment.cost
 
     def whole(job, xs, base):
@@ -71,14 +80,15 @@ def stacked(treatment: Treatment) -> Treatment:
             xs, base = rows(start, stop)
             yield _merge_slices(job, treatment.whole, xs, base, start)
 
+    # Per element of one slice: its workspace, and the aligned copies of its inputs and base.
     def workspace(job, work):
         T, in_b, out_b = job.tasks, job.dtype.itemsize, job.out_dtype.itemsize
-        extra = cost.host(T, False, in_b, work, out_b) - _inputs(T, False, in_b)
+        extra = cost.host(T, False, in_b, work, out_b) - _inputs(T, False, in_b) + _inputs(T, True, in_b)
         return math.prod(job.shape[-2:]) * extra + cost.state(_matrix(job), work)
 
     def device_workspace(job, work):
         T, in_b = job.tasks, job.dtype.itemsize
-        extra = cost.device(T, False, in_b, work) - _inputs(T, False, in_b)
+        extra = cost.device(T, False, in_b, work) - _inputs(T, False, in_b) + _inputs(T, True, in_b)
         return math.prod(job.shape[-2:]) * extra + cost.device_state(_matrix(job), work)
 
     return Treatment(
