@@ -219,7 +219,7 @@ def print_plan(plan) -> None:
         dtype = str(t.dtype).replace("torch.", "")
         if t.out_dtype != t.dtype:
             dtype += "->" + str(t.out_dtype).replace("torch.", "")
-        policy = f"low-rank k={t.rank}" if t.policy == "low-rank" else t.policy
+        policy = f"{t.policy} k={t.rank}" if t.policy.endswith("low-rank") else t.policy
         row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, t.rule, how, format_size(t.memory))
         rows.append(row + ((format_size(t.device_memory or 0),) if on_gpu else ()))
     header = ("tensor", "shape", "dtype", "policy", "decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())

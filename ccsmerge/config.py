@@ -74,7 +74,7 @@ class _Schema(BaseModel):
             data.setdefault(p.name, p.default)
         return data
 
-    @field_validator("lowrank_include", "lowrank_exclude", check_fields=False)
+    @field_validator("lowrank_include", "lowrank_exclude", "lowrank_stacked", check_fields=False)
     @classmethod
     def _regexes(cls, patterns):
         for pattern in patterns or ():

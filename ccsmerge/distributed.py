@@ -7,6 +7,7 @@ the output is byte-identical to a single-process merge."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -105,9 +106,9 @@ def shard_costs(plan: MergePlan) -> list[float]:
             t = by_name[out.name]
             seconds += plan.read_bytes_per_pass[t.name] * t.passes / 2e9
             if t.rank is not None:
-                m, n = t.shape
+                *lead, m, n = t.shape  # a stack of matrices: one SVD per slice
                 width = min(2 * t.rank + 10, m, n)
-                seconds += 2 * plan.models * m * n * width * 11 / 5e10
+                seconds += 2 * plan.models * math.prod(lead) * m * n * width * 11 / 5e10
         costs.append(seconds)
     return costs
 

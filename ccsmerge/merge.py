@@ -113,18 +113,20 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     table; `ccsmerge merge --help` lists each method's options): "average";
     "task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts" (these need base);
     "cart": theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on 2-D
-    weights, k = max(1, int(rank_ratio * min(m, n))), theta_avg elsewhere.
+    weights and on each m x n slice of stacked experts (E, m, n),
+    k = max(1, int(rank_ratio * min(m, n))), theta_avg elsewhere.
     options are the method's parameters (rank_ratio, lam, density, svd,
     oversample, power_iters, seed, lowrank_include, lowrank_exclude,
-    default_excludes, ...) and the common ones (device, allow_nonfinite); an
-    option the method does not take is a MergeError naming the valid ones.
+    lowrank_stacked, default_excludes, ...) and the common ones (device,
+    allow_nonfinite); an option the method does not take is a MergeError
+    naming the valid ones.
     Returns name -> tensor in each input's dtype and device; raises MergeError
     on bad input before returning anything, NaN/Inf inputs included unless
     allow_nonfinite (then they propagate elementwise, and CART merges a matrix
     holding them as the plain average, with a warning)."""
     if "device" in options:
         options["device"] = str(options["device"])
-    for key in ("lowrank_include", "lowrank_exclude"):
+    for key in ("lowrank_include", "lowrank_exclude", "lowrank_stacked"):
         if isinstance(options.get(key), (list, str)):
             options[key] = (options[key],) if isinstance(options[key], str) else tuple(options[key])
     cfg = make_config(method=method, **options)

@@ -177,17 +177,16 @@ def plan_tensor(
         need = state + per_row
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: merging it needs at least {format_size(need)} "
-            f"({'the low-rank factors and ' if state else ''}one row block), "
-            f"more than the memory budget of {format_size(budget)}"
+            f"({_least(treatment, shape, state)}), more than the memory budget of {format_size(budget)}"
         )
     device_per_row = row * device_per_element
     device_available = device_room - device_state if on_gpu else None
     if on_gpu and device_available < device_per_row:
         need = DEVICE_RESERVE + device_state + device_per_row
+        least = _least(treatment, shape, device_state)
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: merging it on the GPU needs at least {format_size(need)} of GPU "
-            f"memory (the libraries' workspaces, {'the low-rank factors and ' if device_state else ''}"
-            f"one row block), more than the GPU memory budget of {format_size(gpu_budget)}"
+            f"memory (the libraries' workspaces, {least}), more than the GPU memory budget of {format_size(gpu_budget)}"
         )
     if host_fits:  # the GPU budget is the one that forces row blocks
         what, limit, size = "GPU memory budget", gpu_budget, device_whole + DEVICE_RESERVE
@@ -198,7 +197,7 @@ def plan_tensor(
             f"tensor '{name}' {tuple(shape)}: {cfg.method} {treatment.refusal} "
             f"({format_size(size)}), more than the {what} of {format_size(limit)}"
         )
-    if getattr(cfg, "svd", None) == "exact" and job.rank is not None:
+    if getattr(cfg, "svd", None) == "exact" and job.rank is not None and not treatment.per_slice:
         raise MergeError(
             f"tensor '{name}' {tuple(shape)}: svd='exact' needs the whole matrix in memory "
             f"({format_size(size)}), more than the {what} of {format_size(limit)}; "
@@ -210,6 +209,16 @@ def plan_tensor(
     memory = state + block_rows * per_row
     device_memory = device_state + block_rows * device_per_row if on_gpu else None
     return TensorPlan(job, memory, block_rows, cost.passes(job), device_memory)
+
+
+def _least(treatment, shape: tuple[int, ...], state: int) -> str:
+    """What the smallest row block of a tensor holds, for a refusal."""
+    if treatment.per_slice:  # blocks of whole slices, each merged whole
+        m, n = shape[-2:]
+        count = math.prod(shape[1:-2])
+        slices = f"one {m} x {n} slice" if count == 1 else f"{count} {m} x {n} slices"
+        return f"{slices} of every input and of the result, and the workspace of one slice"
+    return f"{'the low-rank factors and ' if state else ''}one row block"
 
 
 def natural_order(name: str) -> tuple:

@@ -20,8 +20,9 @@ from .errors import MergeError
 from .execute import merge_whole
 from .merge import full_precision_matmuls, make_config, resolve_device, validate_models
 from .methods import decide, method_spec
-from .methods.cart import cart_factors
+from .methods.cart import STACKED_LOWRANK, cart_factors
 from .methods.params import lowrank_rank
+from .methods.stacked import slices
 from .numerics import check_finite, compute_dtype
 
 StateDict = Mapping[str, torch.Tensor]
@@ -57,7 +58,7 @@ def search(
     if lam is not None and spec.param("lam") is None:
         raise MergeError(f"search: method '{method}' has no 'lam' to search")
     for name, values in options.items():
-        if isinstance(values, (list, tuple)) and name not in ("lowrank_include", "lowrank_exclude"):
+        if isinstance(values, (list, tuple)) and name not in ("lowrank_include", "lowrank_exclude", "lowrank_stacked"):
             raise MergeError(f"search: method '{method}' has no '{name}' to search (its axis: {second or 'lam only'})")
     cfg = make_config(method=method, device=str(device), **options)
     has_lam = spec.param("lam") is not None
@@ -109,14 +110,22 @@ def _cart_updates(models, names, ratios, cfg, device):
         reference[name] = center
         job = decide(name, tuple(xs[0].shape), xs[0].dtype, largest, T)
         if job.treatment == "low-rank":
-            u, s, vh = cart_factors(job, lambda start, stop: (xs, center), [(0, job.shape[0])], device)
-            factors[name] = (u * s.unsqueeze(-2), vh)
+            factors[name] = [_scaled_factors(job, xs, center, device)]
+        elif job.treatment == STACKED_LOWRANK.name:  # per slice of a stack of matrices
+            factors[name] = [_scaled_factors(*one, device) for one in slices(job, xs, center)]
     for ratio in ratios:
         update = {}
-        for name, (us, vh) in factors.items():
+        for name, per_matrix in factors.items():
             k = lowrank_rank(reference[name].shape, ratio)
-            update[name] = torch.einsum("tmk,tkn->mn", us[..., :k], vh[:, :k, :])
+            parts = [torch.einsum("tmk,tkn->mn", us[..., :k], vh[:, :k, :]) for us, vh in per_matrix]
+            update[name] = torch.stack(parts).reshape(reference[name].shape)
         yield reference, update
+
+
+def _scaled_factors(job, xs, center, device):
+    """(U_t S_t, V_t^T) of every centered matrix, at the job's rank."""
+    u, s, vh = cart_factors(job, lambda start, stop: (xs, center), [(0, job.shape[0])], device)
+    return u * s.unsqueeze(-2), vh
 
 
 def _linear_updates(models, base, names, second, values, cfg, device):

@@ -4,7 +4,8 @@ centred update, and rebuild the model of any one task on demand.
 An index is a Hugging Face folder of sharded safetensors holding, for every
 tensor, θ_avg under its own name, and for every low-rank matrix and task t
 the factors of LowRank_k(θ_t − θ_avg) = L_t R_t under `NAME::task<t>.left`
-(m x k, U_t S_t) and `NAME::task<t>.right` (k x n, V_tᵀ), in float32. It
+(m x k, U_t S_t) and `NAME::task<t>.right` (k x n, V_tᵀ), in float32 (for a
+stack of matrices, E x m x k and E x k x n: every slice's factors). It
 takes θ_avg plus T · k · (m + n) numbers per matrix instead of T models.
 Task t's model is θ_avg + L_t R_t (θ_avg elsewhere), written like a merge.
 Both steps go tensor by tensor and write through the streamed shard writer;
@@ -25,7 +26,8 @@ from .checkpoint import Checkpoint
 from .errors import MergeError
 from .merge import full_precision_matmuls, make_config, resolve_device
 from .methods import decide
-from .methods.cart import cart_factors
+from .methods.cart import STACKED_LOWRANK, cart_factors
+from .methods.stacked import slices
 from .numerics import check_finite
 from .planning import check_compatible, natural_order
 from .output_folder import OutputFolder, aux_files
@@ -35,6 +37,7 @@ from .streaming import DEFAULT_SHARD_SIZE
 
 INDEX_FILE = "ccsmerge-index.json"
 TASK_FILE = "ccsmerge-task.json"  # beside an exported model: the index and the task it came from
+LOWRANK_TREATMENTS = ("low-rank", STACKED_LOWRANK.name)
 _FACTOR = re.compile(r"^(?P<name>.*)::task(?P<task>\d+)\.(?P<side>left|right)$")
 
 
@@ -96,11 +99,12 @@ def build_index(
     for name in names:
         info = ckpts[0].tensors[name]
         plan.append(OutputTensor(name, info.shape, info.dtype))
-        if jobs[name].treatment == "low-rank":
-            (m, n), k = info.shape, jobs[name].rank
+        if jobs[name].treatment in LOWRANK_TREATMENTS:
+            *lead, m, n = info.shape
+            k = jobs[name].rank
             for t in range(T):
-                plan.append(OutputTensor(f"{name}::task{t}.left", (m, k), torch.float32))
-                plan.append(OutputTensor(f"{name}::task{t}.right", (k, n), torch.float32))
+                plan.append(OutputTensor(f"{name}::task{t}.left", (*lead, m, k), torch.float32))
+                plan.append(OutputTensor(f"{name}::task{t}.right", (*lead, k, n), torch.float32))
     recipe = {
         "kind": "cart-index",
         "models": [str(Path(p).resolve()) for p in models],
@@ -121,11 +125,19 @@ def build_index(
         center = ops.mean(xs)
         check_finite(output.name, center, xs, allow=cfg.allow_nonfinite)
         job = jobs[output.name]
-        if job.treatment == "low-rank":
-            u, s, vh = cart_factors(job, lambda start, stop: (xs, center), [(0, job.shape[0])], device)
+        if job.treatment in LOWRANK_TREATMENTS:
+            # A stack of matrices: every slice's factors, stacked like the slices.
+            matrices = list(slices(job, xs, center)) if job.treatment == STACKED_LOWRANK.name else [(job, xs, center)]
+            per_matrix = [
+                cart_factors(one, lambda start, stop: (one_xs, one_center), [(0, one.shape[0])], device)
+                for one, one_xs, one_center in matrices
+            ]
+            *lead, m, n = job.shape
             for t in range(T):
-                factors[f"{output.name}::task{t}.left"] = (u[t] * s[t]).float().cpu()
-                factors[f"{output.name}::task{t}.right"] = vh[t].float().cpu()
+                left = torch.stack([(u[t] * s[t]).float().cpu() for u, s, _ in per_matrix])
+                right = torch.stack([vh[t].float().cpu() for _, _, vh in per_matrix])
+                factors[f"{output.name}::task{t}.left"] = left.reshape(*lead, m, job.rank)
+                factors[f"{output.name}::task{t}.right"] = right.reshape(*lead, job.rank, n)
         return center.to(output.dtype).cpu()
 
     _write_folder(folder, ckpts, plan, produce, parse_size(out_shard_size), metadata, (INDEX_FILE, recipe))
@@ -164,7 +176,14 @@ def export_task(
             return center
         left = ckpt.read(left_name).to(compute)
         right = ckpt.read(f"{output.name}::task{task}.right").to(compute)
-        return ops.lowrank_update(center.to(compute).float(), left, right, 1.0, output.dtype).cpu()
+        center = center.to(compute).float()
+        if center.dim() == 2:
+            return ops.lowrank_update(center, left, right, 1.0, output.dtype).cpu()
+        m, n = center.shape[-2:]  # a stack of matrices, slice by slice
+        k = left.shape[-1]
+        pairs = zip(center.reshape(-1, m, n), left.reshape(-1, m, k), right.reshape(-1, k, n))
+        merged = [ops.lowrank_update(c, lft, rgt, 1.0, output.dtype) for c, lft, rgt in pairs]
+        return torch.stack(merged).reshape(center.shape).cpu()
 
     _write_folder(folder, [ckpt], outputs, produce, parse_size(out_shard_size), metadata, (TASK_FILE, exported))
     return folder.out

@@ -101,6 +101,56 @@ def ref_ties(xs, base, density: float, lam: float) -> torch.Tensor:
     return torch.tensor(out, dtype=F64).reshape(base.shape)
 
 
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor P Q^T of a = P D Q^T."""
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def ref_tsv_m(xs, base, lam):
+    """TSV-M: each task's top r/T triplets, the concatenated bases replaced by their polar factors."""
+    deltas = [x.double() - base.double() for x in xs]
+    T, r = len(deltas), min(base.shape)
+    k = max(1, r // T)
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].T)
+    update = polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vs, 1)).T
+    return base.double() + lam * update
+
+
+def ref_iso_c(xs, base, lam):
+    """Iso-C: the sum of the task vectors with every singular value set to their mean."""
+    total = sum(x.double() - base.double() for x in xs)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return base.double() + lam * s.mean() * (u @ vh)
+
+
+def ref_iso_cts(xs, base, lam, fraction):
+    """Iso-CTS: the common subspace of the sum plus per-task directions outside it, isotropic."""
+    deltas = [x.double() - base.double() for x in xs]
+    T, r = len(deltas), min(base.shape)
+    specific_total = round((r - int(r * fraction)) / T) * T
+    common = r - specific_total
+    per_task = specific_total // T
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
+    for d in deltas:
+        projected = d - u[:, :common] @ u[:, :common].T @ d
+        ut, st, vht = torch.linalg.svd(projected, full_matrices=False)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vs.append(vht[:per_task].T)
+    return base.double() + lam * torch.cat(ss).mean() * (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T)
+
+
+def ref_mean_task_vector(xs, base, lam):
+    return base.double() + lam * sum(x.double() - base.double() for x in xs) / len(xs)
+
+
 def ref_average_state(models) -> dict[str, torch.Tensor]:
     return {name: ref_mean([sd[name] for sd in models]) for name in models[0]}
 

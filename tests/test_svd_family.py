@@ -14,52 +14,6 @@ from ccsmerge.cli import main
 FAMILY = ("tsv_m", "iso_c", "iso_cts")
 
 
-def polar(a: torch.Tensor) -> torch.Tensor:
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
-
-
-def ref_tsv_m(xs, base, lam):
-    deltas = [x.double() - base.double() for x in xs]
-    T, r = len(deltas), min(base.shape)
-    k = max(1, r // T)
-    us, ss, vs = [], [], []
-    for d in deltas:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vs.append(vh[:k].T)
-    update = polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vs, 1)).T
-    return base.double() + lam * update
-
-
-def ref_iso_c(xs, base, lam):
-    total = sum(x.double() - base.double() for x in xs)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return base.double() + lam * s.mean() * (u @ vh)
-
-
-def ref_iso_cts(xs, base, lam, fraction):
-    deltas = [x.double() - base.double() for x in xs]
-    T, r = len(deltas), min(base.shape)
-    specific_total = round((r - int(r * fraction)) / T) * T
-    common = r - specific_total
-    per_task = specific_total // T
-    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
-    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
-    for d in deltas:
-        projected = d - u[:, :common] @ u[:, :common].T @ d
-        ut, st, vht = torch.linalg.svd(projected, full_matrices=False)
-        us.append(ut[:, :per_task])
-        ss.append(st[:per_task])
-        vs.append(vht[:per_task].T)
-    return base.double() + lam * torch.cat(ss).mean() * (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T)
-
-
-def ref_mean_task_vector(xs, base, lam):
-    return base.double() + lam * sum(x.double() - base.double() for x in xs) / len(xs)
-
-
 def family_models(T=4, m=40, n=30, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     base = {"w": torch.randn(m, n, generator=g, dtype=dtype), "b": torch.randn(n, generator=g, dtype=dtype)}
@@ -75,14 +29,14 @@ def test_exact_family_matches_the_float64_references(T, m, n, lam):
     base, models = family_models(T, m, n, seed=T + m)
     xs = [sd["w"] for sd in models]
     refs = {
-        "tsv_m": ref_tsv_m(xs, base["w"], lam),
-        "iso_c": ref_iso_c(xs, base["w"], lam),
-        "iso_cts": ref_iso_cts(xs, base["w"], lam, 0.8),
+        "tsv_m": R.ref_tsv_m(xs, base["w"], lam),
+        "iso_c": R.ref_iso_c(xs, base["w"], lam),
+        "iso_cts": R.ref_iso_cts(xs, base["w"], lam, 0.8),
     }
     for method in FAMILY:
         merged = ccsmerge.merge(models, method, base=base, lam=lam, **R.exact_svd(method), device="cpu")
         torch.testing.assert_close(merged["w"], refs[method], rtol=1e-10, atol=1e-10, msg=method)
-        bias = ref_mean_task_vector([sd["b"] for sd in models], base["b"], lam)
+        bias = R.ref_mean_task_vector([sd["b"] for sd in models], base["b"], lam)
         torch.testing.assert_close(merged["b"], bias, rtol=1e-12, atol=1e-12, msg=method)
 
 
@@ -90,7 +44,7 @@ def test_exact_family_matches_the_float64_references(T, m, n, lam):
 def test_iso_cts_common_space_fraction(fraction):
     base, models = family_models(3, 36, 28, seed=5)
     merged = ccsmerge.merge(models, "iso_cts", base=base, common_space_fraction=fraction, device="cpu")
-    expected = ref_iso_cts([sd["w"] for sd in models], base["w"], 1.0, fraction)
+    expected = R.ref_iso_cts([sd["w"] for sd in models], base["w"], 1.0, fraction)
     torch.testing.assert_close(merged["w"], expected, rtol=1e-10, atol=1e-10)
 
 

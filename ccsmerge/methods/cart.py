@@ -1,6 +1,7 @@
 """CART (Choi et al. 2024, "Revisiting Weight Averaging for Model Merging"):
 theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on weight matrices,
-theta_avg elsewhere. One orchestration (`cart_factors`) serves whole tensors,
+theta_avg elsewhere; on stacks of weight matrices (experts stored as
+(E, m, n)) per slice. One orchestration (`cart_factors`) serves whole tensors,
 row blocks, search and CART-indexing."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..numerics import all_finite, compute_dtype, nonfinite_input, tensor_seed
 from .elementwise import AVERAGE, _inputs
 from .params import LAM, LOWRANK_SELECTION, RANK_RATIO, SVD_ENGINE, lowrank_rank, lowrank_rule
 from .spec import Cost, Decision, MethodSpec, Treatment
+from .stacked import stacked, treatment_for
 
 
 def cart_rule(name, shape, dtype, cfg, T) -> Decision:
@@ -26,7 +28,7 @@ def cart_rule(name, shape, dtype, cfg, T) -> Decision:
     if T <= 2:
         # The two centered matrices are exact negatives: their rank-k parts cancel.
         return Decision("average", None, "2 models: CART is the average")
-    return Decision("low-rank", lowrank_rank(shape, cfg.rank_ratio), why)
+    return Decision(treatment_for("low-rank", shape), lowrank_rank(shape, cfg.rank_ratio), why)
 
 
 def oversample_for(cfg, k: int) -> int:
@@ -162,6 +164,8 @@ LOWRANK = Treatment(
     ),
 )
 
+STACKED_LOWRANK = stacked(LOWRANK)
+
 
 def _check(cfg) -> None:
     if cfg.svd == "exact" and (cfg.oversample is not None or cfg.power_iters is not None):
@@ -181,7 +185,7 @@ METHODS = (
         params=(RANK_RATIO, LAM.with_default(2.0), *SVD_ENGINE, *LOWRANK_SELECTION),
         needs_base=False,
         rule=cart_rule,
-        treatments={"low-rank": LOWRANK, "average": AVERAGE},
+        treatments={"low-rank": LOWRANK, STACKED_LOWRANK.name: STACKED_LOWRANK, "average": AVERAGE},
         search_axis="rank_ratio",
         extra_checks=_check,
     ),

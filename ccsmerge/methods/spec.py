@@ -90,6 +90,7 @@ class Treatment:
     blocks: BlockMerge | None
     cost: Cost
     refusal: str = "needs the whole matrix in memory"  # why blocks is None
+    per_slice: bool = False  # merges each trailing matrix of a stack whole; row blocks hold whole slices
 
 
 @dataclass(frozen=True)

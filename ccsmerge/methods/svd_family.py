@@ -13,8 +13,10 @@
   singular values replaced by their mean.
 
 Tensors outside the low-rank selection (biases, norms, embeddings) get
-θ_base + λ · mean_t Δ_t, as in the papers' code. Every low-rank treatment
-needs the whole matrix: over the budget, such a tensor is refused. TSV-M's per-task SVDs run
+θ_base + λ · mean_t Δ_t, as in the papers' code. Stacks of weight matrices
+(experts stored as (E, m, n)) get the treatment per slice. Every low-rank
+treatment needs the whole matrix (a stack: each whole slice): over the
+budget, such a tensor is refused. TSV-M's per-task SVDs run
 on the randomized engine (centred on θ_base) or exactly; Iso-C and Iso-CTS
 need whole spectra and use torch.linalg.svd."""
 
@@ -29,6 +31,7 @@ from .cart import oversample_for, power_iters_for
 from .elementwise import MEAN_TASK_VECTOR, _inputs
 from .params import LAM, LOWRANK_SELECTION, SVD_ENGINE, Param, lowrank_rule
 from .spec import Cost, Decision, MethodSpec, Treatment
+from .stacked import stacked, treatment_for
 
 COMMON_SPACE_FRACTION = Param(
     "common_space_fraction", float, 0.8, "Iso-CTS: share of the rank given to the common subspace", ge=0.0, le=1.0
@@ -122,12 +125,14 @@ def _family_rule(treatment: str, rank):
         lowrank, why = lowrank_rule(name, shape, dtype, cfg)
         if not lowrank:
             return Decision("mean-task-vector", None, why)
-        return Decision(treatment, rank(shape, T), why)
+        return Decision(treatment_for(treatment, shape), rank(shape[-2:], T), why)
 
     return rule
 
 
 def _family(name, title, summary, reference, treatment, whole, params, rank, search_axis=None):
+    matrix = Treatment(treatment, whole, None, WHOLE_MATRIX_COST)
+    per_slice = stacked(matrix)
     return MethodSpec(
         name=name,
         title=title,
@@ -137,7 +142,8 @@ def _family(name, title, summary, reference, treatment, whole, params, rank, sea
         needs_base=True,
         rule=_family_rule(treatment, rank),
         treatments={
-            treatment: Treatment(treatment, whole, None, WHOLE_MATRIX_COST),
+            treatment: matrix,
+            per_slice.name: per_slice,
             "mean-task-vector": MEAN_TASK_VECTOR,
         },
         search_axis=search_axis,

@@ -185,6 +185,7 @@ NON_DEFAULT = {
     "seed": 9,
     "lowrank_include": ("w",),
     "lowrank_exclude": ("w",),
+    "lowrank_stacked": ("experts",),
     "default_excludes": False,
     "common_space_fraction": 0.5,
 }
