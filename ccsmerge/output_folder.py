@@ -545,7 +545,9 @@ def _same_file(fd: int, path: Path) -> bool:
 def _write_pid(fd: int, path: Path) -> None:
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        data = f"{os.getpid()}\n".encode()
+        while data:  # a write cut short (the disk filling) is followed by one that says why
+            data = data[os.write(fd, data):]
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
