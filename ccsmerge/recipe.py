@@ -4,7 +4,7 @@ with mergekit 0.1.5's meaning, and that every merge writes beside its output
 how it was made and can be made again.
 
     merge_method: ties              # any method of the registry (see the README's method table)
-    base_model: path/to/base        # optional for cart, average and linear
+    base_model: path/to/base        # optional for cart and average; linear takes none
     models:
       - model: path/to/finetune-a
         parameters: {weight: 0.7, density: [{filter: self_attn, value: 0.5}, {value: 0.3}]}
@@ -301,7 +301,7 @@ def _arguments(recipe: Recipe) -> dict:
         shared[name] = _fall_through(value, top.get(name))
 
     # The base listed among the models is the base only (mergekit's inputs);
-    # linear averages it in as one more model, as mergekit's linear does.
+    # linear, which takes no base, averages it as one of the models.
     models, own = [], []
     for where, path, given in entries:
         if base is not None and path == base:
@@ -316,8 +316,8 @@ def _arguments(recipe: Recipe) -> dict:
         own.append(_parameters(spec, given, f"{where}.parameters", per_model=True))
     if base is not None and spec.param("weight") is not None and not spec.needs_base:
         if base not in models:
-            models.append(base)
-            own.append({})
+            raise _Bad("base_model", f"{spec.name} takes no base: mergekit averages base_model in as one more "
+                                     "model; list it under models (with its weight) instead")
         base = None
     if len(models) < 2:
         raise _Bad("models" if recipe.slices is None else "slices.0.sources",
