@@ -25,8 +25,13 @@ def make_config(**options) -> MergeConfig:
     except pydantic.ValidationError as exc:
         lines = []
         method = options.get("method", "cart")
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "options"
+        errors = exc.errors()
+        # A value that may be plain, per-tensor or per-model fails each of the
+        # union's members: report the plain value's failure.
+        errors = [e for e in errors if e["type"] != "is_instance_of"] or errors
+        for err in errors:
+            loc = [p for i, p in enumerate(err["loc"]) if i == 0 or isinstance(p, int)]
+            where = ".".join(str(p) for p in loc) or "options"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown option; valid options for {method}: {', '.join(valid_options(method))}"

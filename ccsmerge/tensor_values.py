@@ -89,9 +89,14 @@ class Filtered:
                 return value
         return None
 
+    @property
+    def has_default(self) -> bool:
+        """Whether an entry matches every tensor."""
+        return any(pattern is None or pattern == "*" for pattern, _ in self.entries)
+
     def then(self, fallback: Setting | None) -> Filtered:
         """This list, falling back on `fallback` where no filter matches."""
-        if fallback is None:
+        if fallback is None or self.has_default:
             return self
         if isinstance(fallback, Filtered):
             return Filtered(self.entries + fallback.entries)
