@@ -65,10 +65,10 @@ def _setting_annotation(p: Param):
     return Union[one, tuple[one, ...]] if p.per_model else one
 
 
-_PLAIN = {}  # name -> a validator of the option's plain values
+_PLAIN: dict = {}  # name -> a validator of the option's plain values
 
 
-def _plain(p: Param) -> TypeAdapter:
+def plain_validator(p: Param) -> TypeAdapter:
     if p.name not in _PLAIN:
         _PLAIN[p.name] = TypeAdapter(_annotation(p))
     return _PLAIN[p.name]
@@ -114,7 +114,7 @@ class _Schema(BaseModel):
             return value
         for leaf in leaves(value):
             try:
-                _plain(p).validate_python(leaf)
+                plain_validator(p).validate_python(leaf)
             except ValidationError as exc:
                 raise ValueError(f"{leaf!r}: {exc.errors()[0]['msg']}") from None
         return value

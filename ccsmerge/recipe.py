@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._version import __version__
 from .checkpoint import hub_id_hint, regular_file_problem
-from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS, _plain, options_of
+from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS, options_of, plain_validator
 from .errors import MergeError
 from .methods import REGISTRY, MethodSpec, Param
 from .tensor_values import Filtered, Gradient, Setting
@@ -141,7 +141,7 @@ class _Bad(Exception):
 
 def _check_plain(p: Param, value: Any, where: str) -> None:
     try:
-        _plain(p).validate_python(value)
+        plain_validator(p).validate_python(value)
     except pydantic.ValidationError as exc:
         raise _Bad(where, exc.errors()[0]["msg"]) from None
 
