@@ -10,6 +10,7 @@ from .merge import merge
 from .search import SearchResult, search
 from .streaming import merge_checkpoints, plan_checkpoints
 from .task_index import build_index, export_task
+from .tensor_values import Filtered, Gradient
 
 
 def build_info() -> dict:
@@ -36,6 +37,8 @@ __all__ = [
     "export_task",
     "MergeConfig",
     "MergeError",
+    "Filtered",
+    "Gradient",
     "build_info",
     "ops",
     "__version__",

@@ -21,7 +21,7 @@ from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS
 from .errors import MergeError, Terminated
 from .methods import REGISTRY
 from .planning import DEVICE_RESERVE
-from .recipe import DTYPES, Recipe, load_recipe
+from .recipe import DTYPES, Recipe, load_recipe, recipe_arguments
 from .sizes import format_size
 
 # CART-indexing stores every task's factors; lam applies to merges only.
@@ -62,15 +62,30 @@ def add_option_flags(parser: argparse.ArgumentParser, params, *, grid: tuple[str
             parser.add_argument(p.flag, dest=p.name, action="append", metavar="REGEX", help=help_text + "; repeatable")
         elif p.choices is not None:
             parser.add_argument(p.flag, dest=p.name, choices=p.choices, help=help_text)
+        elif p.per_model:
+            metavar = p.name.upper().replace("_", "-")
+            parser.add_argument(p.flag, dest=p.name, type=p.type, nargs="+", metavar=metavar,
+                                help=help_text + "; one value, or one per model in --model order")
         else:
             metavar = p.name.upper().replace("_", "-")
             parser.add_argument(p.flag, dest=p.name, type=p.type, metavar=metavar, help=help_text)
 
 
-def given_options(args: argparse.Namespace, params) -> dict:
-    """The options given as flags, by name; lists of regexes as tuples."""
+def given_options(args: argparse.Namespace, params, grid: tuple[str, ...] = ()) -> dict:
+    """The options given as flags, by name; lists of regexes and per-model
+    values as tuples (the options in `grid`: lists of values to try)."""
     given = {p.name: getattr(args, p.name, None) for p in params}
-    return {k: tuple(v) if isinstance(v, list) and k.startswith("lowrank_") else v for k, v in given.items() if v is not None}
+    per_model = {p.name for p in params if p.per_model}
+    out = {}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if isinstance(v, list) and k in per_model and k not in grid:
+            v = v[0] if len(v) == 1 else tuple(v)  # one value: every model's
+        elif isinstance(v, list) and k.startswith("lowrank_"):
+            v = tuple(v)
+        out[k] = v
+    return out
 
 
 def _inputs(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +182,7 @@ def run_search(args: argparse.Namespace) -> None:
         ckpt = Checkpoint(path)
         return {name: ckpt.read(name) for name in ckpt.tensors}
 
-    options = given_options(args, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]])
+    options = given_options(args, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]], grid=SEARCH_GRIDS)
     result = search(
         [load(p) for p in args.model],
         evaluate,
@@ -191,13 +206,7 @@ def merge_arguments(args: argparse.Namespace) -> dict:
         raise MergeError(f"{args.config}: give the models in the recipe or with --model/--base, not both")
     kwargs: dict = {}
     if recipe is not None:
-        kwargs.update(
-            models=[m.model for m in recipe.models],
-            method=recipe.merge_method,
-            base=recipe.base_model,
-            dtype=recipe.dtype,
-            **recipe.parameters.options(),
-        )
+        kwargs.update(recipe_arguments(recipe, args.config))
     else:
         if not args.model or len(args.model) < 2:
             count = len(args.model or [])

@@ -6,12 +6,14 @@ the chosen method does not take is refused, never ignored."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, TypeAdapter, ValidationError, create_model
+from pydantic import field_validator, model_validator
 
 from .methods import METHOD_NAMES, REGISTRY, Param
 from .methods.params import DEFAULT_LOWRANK_EXCLUDE
+from .tensor_values import PER_TENSOR, Filtered, Gradient, leaves
 
 __all__ = ["MergeConfig", "COMMON_PARAMS", "METHOD_PARAMS", "METHODS", "DEFAULT_LOWRANK_EXCLUDE", "options_of"]
 
@@ -31,7 +33,8 @@ def _union() -> dict[str, Param]:
     for spec in REGISTRY.values():
         for p in spec.params:
             known = params.setdefault(p.name, p)
-            if (known.type, known.gt, known.ge, known.le, known.choices) != (p.type, p.gt, p.ge, p.le, p.choices):
+            if (known.type, known.gt, known.ge, known.le, known.choices, known.per_model) != (
+                p.type, p.gt, p.ge, p.le, p.choices, p.per_model):
                 raise TypeError(f"parameter '{p.name}' is declared differently by two methods")
     return params
 
@@ -40,6 +43,7 @@ METHOD_PARAMS: dict[str, Param] = _union()
 
 
 def _annotation(p: Param):
+    """A plain value of the option."""
     if p.choices is not None:
         base: Any = Literal[p.choices]  # type: ignore[valid-type]
     elif p.type is tuple:
@@ -50,6 +54,24 @@ def _annotation(p: Param):
     if p.type is float:
         constraints["allow_inf_nan"] = False
     return Annotated[base, Field(**constraints)] if constraints else base
+
+
+def _setting_annotation(p: Param):
+    """A plain value, a per-tensor value (filters, a gradient) and, for a
+    per-model option, a tuple of them, one per model."""
+    if p.type is tuple:
+        return _annotation(p)
+    one = Union[_annotation(p), InstanceOf[Gradient], InstanceOf[Filtered]]
+    return Union[one, tuple[one, ...]] if p.per_model else one
+
+
+_PLAIN: dict = {}  # name -> a validator of the option's plain values
+
+
+def plain_validator(p: Param) -> TypeAdapter:
+    if p.name not in _PLAIN:
+        _PLAIN[p.name] = TypeAdapter(_annotation(p))
+    return _PLAIN[p.name]
 
 
 class _Schema(BaseModel):
@@ -72,7 +94,30 @@ class _Schema(BaseModel):
             raise ValueError(f"method '{method}' does not take {', '.join(foreign)} (its options: {takes})")
         for p in spec.params:
             data.setdefault(p.name, p.default)
+            value = data[p.name]
+            if p.type is not tuple and isinstance(value, (list, tuple)):
+                if not p.per_model:
+                    per_model = ", ".join(q.name for q in spec.params if q.per_model) or "none"
+                    raise ValueError(
+                        f"{p.name} takes one value for every model, not one per model "
+                        f"({method}'s per-model options: {per_model})"
+                    )
+                data[p.name] = tuple(value)
         return data
+
+    @field_validator("*")
+    @classmethod
+    def _per_tensor_values(cls, value, info):
+        """Every value a filter list or gradient can give is a valid value of the option."""
+        p = METHOD_PARAMS.get(info.field_name)
+        if p is None or p.type is tuple or not any(isinstance(v, PER_TENSOR) for v in _parts(value)):
+            return value
+        for leaf in leaves(value):
+            try:
+                plain_validator(p).validate_python(leaf)
+            except ValidationError as exc:
+                raise ValueError(f"{leaf!r}: {exc.errors()[0]['msg']}") from None
+        return value
 
     @field_validator("lowrank_include", "lowrank_exclude", "lowrank_stacked", check_fields=False)
     @classmethod
@@ -101,8 +146,12 @@ def _fields() -> dict[str, Any]:
     for p in COMMON_PARAMS:
         fields[p.name] = (_annotation(p), Field(p.default, description=p.description))
     for p in METHOD_PARAMS.values():
-        fields[p.name] = (Optional[_annotation(p)], Field(None, description=p.description))
+        fields[p.name] = (Optional[_setting_annotation(p)], Field(None, description=p.description))
     return fields
+
+
+def _parts(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
 
 
 MergeConfig = create_model("MergeConfig", __base__=_Schema, **_fields())

@@ -13,6 +13,7 @@ from .devices import parse_device
 from .errors import MergeError
 from .execute import merge_whole
 from .methods import decide
+from .tensor_values import resolver
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -24,8 +25,13 @@ def make_config(**options) -> MergeConfig:
     except pydantic.ValidationError as exc:
         lines = []
         method = options.get("method", "cart")
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "options"
+        errors = exc.errors()
+        # A value that may be plain, per-tensor or per-model fails each of the
+        # union's members: report the plain value's failure.
+        errors = [e for e in errors if e["type"] != "is_instance_of"] or errors
+        for err in errors:
+            loc = [p for i, p in enumerate(err["loc"]) if i == 0 or isinstance(p, int)]
+            where = ".".join(str(p) for p in loc) or "options"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown option; valid options for {method}: {', '.join(valid_options(method))}"
@@ -115,11 +121,14 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     "cart": theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on 2-D
     weights and on each m x n slice of stacked experts (E, m, n),
     k = max(1, int(rank_ratio * min(m, n))), theta_avg elsewhere.
-    options are the method's parameters (rank_ratio, lam, density, svd,
+    options are the method's parameters (rank_ratio, lam, density, weight, svd,
     oversample, power_iters, seed, lowrank_include, lowrank_exclude,
     lowrank_stacked, default_excludes, ...) and the common ones (device,
     allow_nonfinite); an option the method does not take is a MergeError
-    naming the valid ones.
+    naming the valid ones. A per-model option (weight, density, gamma) may be
+    a tuple of one value per model; any option may be a ccsmerge.Filtered or
+    ccsmerge.Gradient (values by tensor name or over the layers, as mergekit
+    recipes give them).
     Returns name -> tensor in each input's dtype and device; raises MergeError
     on bad input before returning anything, NaN/Inf inputs included unless
     allow_nonfinite (then they propagate elementwise, and CART merges a matrix
@@ -132,11 +141,12 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     cfg = make_config(method=method, **options)
     names = validate_models(models, base, cfg)
     compute_device = resolve_device(cfg.device)
+    config_of = resolver(cfg, names, len(models))
     merged: dict[str, torch.Tensor] = {}
     with full_precision_matmuls():
         for name in names:
             xs = [sd[name] for sd in models]
-            job = decide(name, tuple(xs[0].shape), xs[0].dtype, cfg, len(xs))
+            job = decide(name, tuple(xs[0].shape), xs[0].dtype, config_of(name), len(xs))
             merged[name] = merge_whole(job, xs, base[name] if base is not None else None, compute_device)
     return merged
 

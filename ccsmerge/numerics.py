@@ -5,7 +5,7 @@ exact k-th smallest magnitude over row blocks."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -77,11 +77,11 @@ def check_finite(
 _DIGIT_BITS = 16
 
 
-def kth_smallest_magnitude(blocks: Callable[[], Iterator[torch.Tensor]], j: int) -> torch.Tensor:
-    """Per row t, the j-th smallest (1-based) |value| over all blocks of the (T, *)
-    stacks that blocks() yields: most significant 16 bits of the floats' bit
-    patterns first (non-negative floats order like their bit patterns), one
-    pass over the blocks per 16 bits."""
+def kth_smallest_magnitude(blocks: Callable[[], Iterator[torch.Tensor]], j: int | Sequence[int]) -> torch.Tensor:
+    """Per row t, the j-th (or j[t]-th) smallest (1-based) |value| over all
+    blocks of the (T, *) stacks that blocks() yields: most significant 16 bits
+    of the floats' bit patterns first (non-negative floats order like their
+    bit patterns), one pass over the blocks per 16 bits."""
     prefix = remaining = None
     float_dtype = int_dtype = None
     width = 0
@@ -96,7 +96,10 @@ def kth_smallest_magnitude(blocks: Callable[[], Iterator[torch.Tensor]], j: int)
                 T = taus.shape[0]
                 if prefix is None:
                     prefix = torch.zeros(T, dtype=torch.int64, device=taus.device)
-                    remaining = torch.full((T,), j, dtype=torch.int64, device=taus.device)
+                    if isinstance(j, int):
+                        remaining = torch.full((T,), j, dtype=torch.int64, device=taus.device)
+                    else:
+                        remaining = torch.tensor(list(j), dtype=torch.int64, device=taus.device)
                 hist = torch.zeros(T, 1 << _DIGIT_BITS, dtype=torch.int64, device=taus.device)
             shift = width - _DIGIT_BITS * (level + 1)
             bits = taus.abs().view(int_dtype).to(torch.int64)

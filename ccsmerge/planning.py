@@ -23,6 +23,7 @@ from .methods import TensorJob, decide, treatment_of
 from .numerics import compute_dtype
 from .shard_writer import OutputTensor, plan_shards
 from .sizes import format_size
+from .tensor_values import resolver
 
 
 @dataclass(frozen=True)
@@ -272,11 +273,15 @@ def make_plan(
             "kept for the GPU libraries' workspaces"
         )
     T = len(models)
+    config_of = resolver(cfg, names, T)  # per-tensor and per-model values, resolved once
     tensors = []
     for name in names:
         info = models[0].tensors[name]
         tensors.append(
-            plan_tensor(name, info.shape, info.dtype, cfg, T, base is not None, budget, out_dtype, gpu_budget=gpu_budget)
+            plan_tensor(
+                name, info.shape, info.dtype, config_of(name), T, base is not None, budget, out_dtype,
+                gpu_budget=gpu_budget,
+            )
         )
     reserved = 0
     if gpu_budget is not None:

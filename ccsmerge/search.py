@@ -24,6 +24,7 @@ from .methods.cart import STACKED_LOWRANK, cart_factors
 from .methods.params import lowrank_rank
 from .methods.stacked import slices
 from .numerics import check_finite, compute_dtype
+from .tensor_values import check_per_model, varies
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -58,6 +59,11 @@ def search(
     if lam is not None and spec.param("lam") is None:
         raise MergeError(f"search: method '{method}' has no 'lam' to search")
     for name, values in options.items():
+        p = spec.param(name)
+        if isinstance(values, (list, tuple)) and p is not None and p.per_model:
+            continue  # one value per model
+        if varies(values):
+            raise MergeError(f"search: {name}: values by tensor (filters, gradients) are not searched; give one value")
         if isinstance(values, (list, tuple)) and name not in ("lowrank_include", "lowrank_exclude", "lowrank_stacked"):
             raise MergeError(f"search: method '{method}' has no '{name}' to search (its axis: {second or 'lam only'})")
     cfg = make_config(method=method, device=str(device), **options)
@@ -69,6 +75,7 @@ def search(
     for value in seconds:  # validate every setting before any work
         make_config(method=method, **({second: value} if second else {}), **options)
     names = validate_models(models, base, cfg)
+    check_per_model(cfg, len(models))
     compute_device = resolve_device(cfg.device)
 
     table: list[dict] = []

@@ -78,8 +78,8 @@ def ref_ties(xs, base, density: float, lam: float) -> torch.Tensor:
     """TIES-Merging written out element by element (meant for tiny tensors).
 
     trim: keep the top max(1, int(density * N)) magnitudes of each task vector
-    (found by sorting); elect: the sign of the sum of the trimmed values;
-    disjoint mean: the mean of the kept, non-zero values whose sign is the
+    (found by sorting); elect: the sign of the sum of the trimmed values (+
+    where the sum is 0, as mergekit elects it); disjoint mean: the mean of the kept, non-zero values whose sign is the
     elected one (0 when there are none); result: base + lam * that."""
     b = _f64(base).reshape(-1)
     n = b.numel()
@@ -94,7 +94,7 @@ def ref_ties(xs, base, density: float, lam: float) -> torch.Tensor:
     for i in range(n):
         column = [tr[i] for tr in trimmed]
         total = sum(column)
-        sign = (total > 0) - (total < 0)
+        sign = 1 if total >= 0 else -1
         agreeing = [v for v in column if v != 0.0 and ((v > 0) - (v < 0)) == sign]
         merged = sum(agreeing) / len(agreeing) if agreeing else 0.0
         out.append(b[i].item() + lam * merged)

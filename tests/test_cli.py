@@ -104,7 +104,7 @@ def test_recipe_equals_flags_and_reproduces_itself(tmp_path, small, capsys, meth
             "base_model": os.path.relpath(base_path, tmp_path),
             "models": [{"model": os.path.relpath(p, tmp_path)} for p in paths],
             "parameters": {"lambda": 0.8, **({"rank_ratio": 0.25} if method == "cart" else {"density": 0.4})},
-            "dtype": "float16",
+            "out_dtype": "float16",
         },
     )
     common = ["--quiet", "--out-shard-size", "20KB"]

@@ -21,10 +21,17 @@ from ccsmerge.methods import REGISTRY, Param
 ROW_BLOCK_RTOL = 1e-5
 
 
+TASKS = 3  # the models of `inputs`
+
+
 def non_default(p: Param):
-    """A valid value other than the default, from the parameter's declaration."""
+    """A valid value other than the default, from the parameter's declaration
+    (a per-model option: a different one for each model)."""
     if p.name == "lam":
         return 0.7
+    if p.per_model:
+        value = p.default if p.default else 0.5
+        return tuple(round(value * f, 6) for f in (0.8, 0.6, 0.4)[:TASKS])
     if p.type is float:
         return round((p.default if p.default else 0.5) * 0.8, 6)
     if p.type is int:
@@ -39,7 +46,7 @@ def options_for(method: str) -> dict:
 def flags(options: dict) -> list[str]:
     out = []
     for name, value in options.items():
-        out += [REGISTRY_PARAM[name].flag, str(value)]
+        out += [REGISTRY_PARAM[name].flag, *map(str, value if isinstance(value, tuple) else (value,))]
     return out
 
 
@@ -48,7 +55,7 @@ REGISTRY_PARAM = {p.name: p for spec in REGISTRY.values() for p in spec.params}
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    base, models = toy_set(3, width=48, vocab=96)
+    base, models = toy_set(TASKS, width=48, vocab=96)
     base_path, paths = write_set(tmp_path_factory.mktemp("inputs"), base, models)
     return base, models, base_path, paths
 
@@ -101,11 +108,15 @@ def test_every_entry_point_gives_the_same_merge(tmp_path, inputs, method, capsys
     assert main([*cli, *flags(options), "--device", "cpu", "--quiet", "--out", str(tmp_path / "cli")]) == 0
     assert_same(load_output(tmp_path / "cli"), expected, "ccsmerge merge flags")
 
-    parameters = {(REGISTRY_PARAM[k].alias or k): v for k, v in options.items()}
+    # Per-model values in the models' entries, the others under parameters.
+    per_model = {k: v for k, v in options.items() if isinstance(v, tuple)}
+    parameters = {(REGISTRY_PARAM[k].alias or k): v for k, v in options.items() if k not in per_model}
+    # mergekit's linear averages a recipe's base_model in as one more model: a recipe gives it only where it is a base.
     recipe = {
         "merge_method": method,
-        "base_model": str(base_path),
-        "models": [{"model": str(p)} for p in paths],
+        **({"base_model": str(base_path)} if method != "linear" else {}),
+        "models": [{"model": str(p), "parameters": {k: v[i] for k, v in per_model.items()}}
+                   for i, p in enumerate(paths)],
         "parameters": parameters,
     }
     (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))

@@ -277,7 +277,7 @@ def _ties_example():
     #   tau1 = [ 4, -1,  0.5,  3,   -2  ] -> trimmed [ 4,  0, 0, 3, 0]
     #   tau2 = [-1,  5, -0.5,  2,    0.25] -> trimmed [ 0,  5, 0, 2, 0]
     #   tau3 = [-3, -6,  1,   -0.5,  0.75] -> trimmed [-3, -6, 0, 0, 0]
-    # summed: [1, -1, 0, 5, 0] -> elected signs [+, -, 0, +, 0]
+    # summed: [1, -1, 0, 5, 0] -> elected signs [+, -, +, +, +] (+ where the sum is 0)
     # disjoint means: [4 (only +4 agrees), -6 (only -6), 0 (none kept), (3+2)/2 = 2.5, 0]
     # lam = 1: base + [4, -6, 0, 2.5, 0] = [5, -5, 1, 3.5, 1];  lam = 0.5: [3, -2, 1, 2.25, 1]
     base = torch.ones(5, dtype=torch.float64)
@@ -298,12 +298,12 @@ def test_ties_by_hand():
     assert out["w"].tolist() == [3.0, -2.0, 1.0, 2.25, 1.0]
     # The reference implementation agrees with the hand computation.
     assert R.ref_ties(thetas, base, 0.4, 1.0).tolist() == [5.0, -5.0, 1.0, 3.5, 1.0]
-    # density 1: no trimming. sums [0, -2, 1, 4.5, -1] -> signs [0, -, +, +, -]
-    # idx0: sum 0 -> nothing agrees -> 0; idx1: -1, -6 -> -3.5; idx2: 0.5, 1 -> 0.75;
-    # idx3: 3, 2 -> 2.5; idx4: -2 -> -2.   base + that = [1, -2.5, 1.75, 3.5, -1]
+    # density 1: no trimming. sums [0, -2, 1, 4.5, -1] -> signs [+ (a sum of 0 elects +, as in mergekit), -, +, +, -]
+    # idx0: only 4 agrees -> 4; idx1: -1, -6 -> -3.5; idx2: 0.5, 1 -> 0.75;
+    # idx3: 3, 2 -> 2.5; idx4: -2 -> -2.   base + that = [5, -2.5, 1.75, 3.5, -1]
     out = ccsmerge.merge(models, "ties", base={"w": base.clone()}, density=1.0)
-    assert out["w"].tolist() == [1.0, -2.5, 1.75, 3.5, -1.0]
-    assert R.ref_ties(thetas, base, 1.0, 1.0).tolist() == [1.0, -2.5, 1.75, 3.5, -1.0]
+    assert out["w"].tolist() == [5.0, -2.5, 1.75, 3.5, -1.0]
+    assert R.ref_ties(thetas, base, 1.0, 1.0).tolist() == [5.0, -2.5, 1.75, 3.5, -1.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)

@@ -1,8 +1,9 @@
 """DARE (Yu et al. 2024, "Language Models are Super Mario"), per tensor: drop
 each task-vector entry with probability 1 - density and rescale the kept ones
-by 1/density, then task arithmetic (`dare_linear`) or TIES' sign election and
-disjoint mean (`dare_ties`). As in mergekit, the combined task vectors are
-summed unless `normalize` (TIES: the disjoint mean; linear: the mean).
+by 1/density (a density per model, as mergekit allows), then mergekit's
+generalized task arithmetic (elementwise.combine: per-model weights; TIES'
+sign election for `dare_ties`). As in mergekit, the combined task vectors
+are summed unless `normalize` (divided by the sum of the weights).
 Unlike mergekit, which rescales the kept entries to the task vector's L1
 norm, the kept entries are divided by density, as in the paper.
 
@@ -18,10 +19,11 @@ import math
 import torch
 
 from ..numerics import tensor_seed
-from .elementwise import _inputs
-from .params import DENSITY, LAM, SEED
-from .spec import Cost, Decision, MethodSpec, Param, Treatment
-from .ties import elect_and_merge, task_vectors
+from ..tensor_values import per_model
+from .elementwise import _inputs, combine
+from .params import DENSITY, LAM, NORMALIZE, SEED, WEIGHT
+from .spec import Cost, Decision, MethodSpec, Treatment
+from .ties import sign_agreement, task_vectors
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
@@ -75,46 +77,28 @@ def keep_below(density: float) -> int:
 
 def dropped_and_rescaled(job, taus: torch.Tensor, start: int) -> torch.Tensor:
     """DARE on (T, N) task vectors whose first entry is flat element `start`
-    of the tensor: each entry kept with probability density, the kept ones
-    divided by density (in place)."""
-    density = job.cfg.density
-    if density >= 1:
-        return taus
-    limit = keep_below(density)
-    for t in range(taus.shape[0]):
-        kept = uniform_bits(stream_key(job.cfg.seed, job.name, t), start, taus.shape[1], taus.device) < limit
+    of the tensor: each entry of task t kept with probability density_t, the
+    kept ones divided by it (in place)."""
+    for t, density in enumerate(per_model(job.cfg.density, job.tasks)):
+        if density >= 1:
+            continue
+        kept = uniform_bits(stream_key(job.cfg.seed, job.name, t), start, taus.shape[1], taus.device) < keep_below(density)
         taus[t] = torch.where(kept, taus[t] / density, 0)
     return taus
 
 
-NORMALIZE = Param(
-    "normalize", bool, False,
-    "divide the combined task vectors by how many were combined (TIES: the disjoint mean; else the mean)",
-)
-
-
-def combined(taus: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Task arithmetic's sum of (T, N) task vectors, or their mean."""
-    return taus.mean(0) if normalize else taus.sum(0)
-
-
-def ties_consensus(taus: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """TIES' sign election (ties.elect_and_merge): the disjoint mean, or the agreeing values' sum."""
-    return elect_and_merge(taus, normalize)
-
-
 def _dare_linear(job, taus, b):
-    return b.reshape(-1) + job.cfg.lam * combined(taus, job.cfg.normalize)
+    return combine(job, taus, b)
 
 
 def _dare_ties(job, taus, b):
-    return b.reshape(-1) + job.cfg.lam * ties_consensus(taus, job.cfg.normalize)
+    return combine(job, taus, b, sign_agreement)
 
 
-def _treatment(name: str, combine) -> Treatment:
+def _treatment(name: str, combination) -> Treatment:
     def merge(job, xs, base, start):
         taus, b = task_vectors(xs, base)
-        merged = combine(job, dropped_and_rescaled(job, taus, start), b)
+        merged = combination(job, dropped_and_rescaled(job, taus, start), b)
         return merged.reshape(b.shape).to(job.out_dtype)
 
     def whole(job, xs, base):
@@ -132,11 +116,12 @@ def _treatment(name: str, combine) -> Treatment:
 
 
 # Task vectors in the compute dtype (a list and its stack while they are
-# made), the base, the rescaled task and the result in it, and for the task
-# being masked two int64 words and the mask per element.
+# made, the weighted stack), the base, the rescaled task and the result in
+# it, the TIES masks, and for the task being masked two int64 words and the
+# mask per element.
 DARE_COST = Cost(
-    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + (2 * T + 4) * work + 17 + in_b + out_b,
-    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + (2 * T + 4) * work + 17 + in_b,
+    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + (3 * T + 4) * work + T + 17 + in_b + out_b,
+    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + (3 * T + 4) * work + T + 17 + in_b,
 )
 
 DARE_LINEAR = _treatment("dare-linear", _dare_linear)
@@ -156,7 +141,7 @@ METHODS = (
         title="DARE (Yu et al. 2024)",
         summary="drop task-vector entries with probability 1 - density, rescale by 1/density; base + lam * sum_t",
         reference="https://arxiv.org/abs/2311.03099",
-        params=(LAM.with_default(1.0), DARE_DENSITY, SEED, NORMALIZE),
+        params=(LAM.with_default(1.0), DARE_DENSITY, WEIGHT, SEED, NORMALIZE),
         needs_base=True,
         rule=_everywhere("dare-linear"),
         treatments={"dare-linear": DARE_LINEAR},
@@ -167,7 +152,7 @@ METHODS = (
         title="DARE-TIES (Yu et al. 2024)",
         summary="DARE's random drop and rescale, then TIES' sign election; base + lam * the agreeing values' sum",
         reference="https://arxiv.org/abs/2311.03099",
-        params=(LAM.with_default(1.0), DARE_DENSITY, SEED, NORMALIZE),
+        params=(LAM.with_default(1.0), DARE_DENSITY, WEIGHT, SEED, NORMALIZE),
         needs_base=True,
         rule=_everywhere("dare-ties"),
         treatments={"dare-ties": DARE_TIES},

@@ -1,5 +1,11 @@
-"""Elementwise methods: averaging and task arithmetic, and the mean task
-vector that the SVD family gives tensors outside its low-rank selection."""
+"""Elementwise methods: averaging, linear (weighted averaging) and task
+arithmetic, the mean task vector that the SVD family gives tensors outside
+its low-rank selection, and mergekit's generalized task arithmetic
+(`combine`), which task arithmetic, TIES, DARE and Breadcrumbs share: each
+(sparsified) task vector times its model's weight, summed (TIES-style: the
+values agreeing with the elected sign), divided by the sum of the weights
+(of the agreeing ones) when `normalize`, times lam, added to the base, in
+mergekit 0.1.5's order of operations."""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import torch
 
 from .. import kernels
 from ..numerics import compute_dtype
-from .params import LAM
+from ..tensor_values import per_model
+from .params import LAM, NORMALIZE, WEIGHT
 from .spec import Cost, Decision, MethodSpec, Treatment
 
 # Planner memory models, bytes per element: the inputs, the float32 work and
@@ -22,9 +29,13 @@ AVERAGE_COST = Cost(
     host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + work + in_b + out_b,
     device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + work + in_b,
 )
-TASK_VECTOR_COST = Cost(  # base, running sum and one converted input in the compute dtype
-    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + 3 * work + in_b + out_b,
-    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + 3 * work + in_b,
+TASK_VECTOR_COST = Cost(  # the T weighted task vectors, the base, their sum and one temporary in the compute dtype
+    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + (T + 3) * work + in_b + out_b,
+    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + (T + 3) * work + in_b,
+)
+LINEAR_COST = Cost(  # the running sum and one converted input in the compute dtype
+    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + 2 * work + in_b + out_b,
+    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + 2 * work + in_b,
 )
 
 
@@ -43,14 +54,58 @@ def average_whole(job, xs, base):
     return kernels.mean(xs, job.out_dtype)
 
 
+def model_weights(job, like: torch.Tensor) -> torch.Tensor:
+    """(T, 1): each model's weight, in like's dtype and device."""
+    return torch.tensor(per_model(job.cfg.weight, job.tasks), dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def combine(job, taus: torch.Tensor, b: torch.Tensor, consensus=None) -> torch.Tensor:
+    """The flat merged tensor from (T, N) task vectors (already sparsified)
+    and the base: mergekit's generalized task arithmetic. consensus(taus)
+    gives the (T, N) mask of the values kept (TIES' sign election) or is None."""
+    weights = model_weights(job, taus)
+    taus = taus * weights
+    if consensus is not None:
+        mask = consensus(taus)
+        mixed = (taus * mask).sum(0)
+        divisor = (weights * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = taus.sum(0)
+        divisor = weights.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if job.cfg.normalize:
+        mixed = mixed / divisor
+    if job.cfg.lam != 1:
+        mixed = mixed * job.cfg.lam
+    return b.reshape(-1) + mixed
+
+
 def task_arithmetic_whole(job, xs, base):
-    """base + lam * sum_t (theta_t - base)."""
+    """base + lam * sum_t w_t (theta_t - base) (normalize: / sum_t w_t)."""
     work = compute_dtype(xs[0].dtype)
     b = base.to(work)
-    total = torch.zeros_like(b)
-    for x in xs:
-        total += x.to(work) - b
-    return torch.add(b, total, alpha=job.cfg.lam).to(job.out_dtype)
+    taus = torch.stack([x.to(work).reshape(-1) - b.reshape(-1) for x in xs])
+    return combine(job, taus, b).reshape(b.shape).to(job.out_dtype)
+
+
+def linear_whole(job, xs, base):
+    """sum_t w_t theta_t (normalize: / sum_t w_t), summed in model order in
+    the compute dtype, as mergekit's linear does."""
+    work = compute_dtype(xs[0].dtype)
+    weights = torch.tensor(per_model(job.cfg.weight, job.tasks), dtype=work, device=xs[0].device)
+    total = torch.zeros(xs[0].shape, dtype=work, device=xs[0].device)
+    for x, w in zip(xs, weights.unbind(0)):
+        total.addcmul_(x, w)
+    if job.cfg.normalize:
+        total.div_(weights.sum())
+    return total.to(job.out_dtype)
+
+
+def _check_linear(cfg) -> None:
+    weights = cfg.weight if isinstance(cfg.weight, tuple) else (cfg.weight,)
+    if cfg.normalize and all(isinstance(w, (int, float)) for w in weights) and sum(weights) == 0:
+        raise ValueError("weight: the weights sum to 0, and normalize divides by their sum")
 
 
 def mean_task_vector_whole(job, xs, base):
@@ -61,6 +116,7 @@ def mean_task_vector_whole(job, xs, base):
 
 
 AVERAGE = Treatment("average", average_whole, elementwise_blocks(average_whole), AVERAGE_COST)
+LINEAR = Treatment("linear", linear_whole, elementwise_blocks(linear_whole), LINEAR_COST)
 TASK_ARITHMETIC = Treatment(
     "task-arithmetic", task_arithmetic_whole, elementwise_blocks(task_arithmetic_whole), TASK_VECTOR_COST
 )
@@ -88,13 +144,25 @@ METHODS = (
         treatments={"average": AVERAGE},
     ),
     MethodSpec(
+        name="linear",
+        title="Linear (weighted averaging, mergekit's linear)",
+        summary="sum_t w_t theta_t / sum_t w_t (without normalize: not divided)",
+        reference="https://arxiv.org/abs/2203.05482",
+        params=(WEIGHT, NORMALIZE.with_default(True)),
+        needs_base=False,
+        rule=_everywhere("linear"),
+        treatments={"linear": LINEAR},
+        extra_checks=_check_linear,
+    ),
+    MethodSpec(
         name="task_arithmetic",
         title="Task arithmetic (Ilharco et al. 2023)",
-        summary="base + lam * sum_t (theta_t - base)",
+        summary="base + lam * sum_t w_t (theta_t - base)",
         reference="https://arxiv.org/abs/2212.04089",
-        params=(LAM.with_default(0.3),),
+        params=(LAM.with_default(0.3), WEIGHT, NORMALIZE),
         needs_base=True,
         rule=_everywhere("task-arithmetic"),
         treatments={"task-arithmetic": TASK_ARITHMETIC},
+        recipe_defaults={"lam": 1.0},
     ),
 )

@@ -13,7 +13,12 @@ from .spec import Param
 
 LAM = Param("lam", float, 1.0, "scale of the update (recipe key: lambda)", alias="lambda")
 RANK_RATIO = Param("rank_ratio", float, 0.12, "k = max(1, int(R * min(m, n)))", gt=0.0, le=1.0)
-DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", gt=0.0, le=1.0)
+DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", gt=0.0, le=1.0, per_model=True)
+WEIGHT = Param("weight", float, 1.0, "the model's weight (one value, or one per model)", per_model=True)
+NORMALIZE = Param(
+    "normalize", bool, False,
+    "divide the combined task vectors by the sum of their weights (TIES-style: of the agreeing ones)",
+)
 SVD = Param("svd", str, "randomized", "truncated SVD: the randomized engine or torch.linalg.svd",
             choices=("randomized", "exact"))
 OVERSAMPLE = Param("oversample", int, None, "randomized SVD oversampling (default max(10, k))", ge=0)

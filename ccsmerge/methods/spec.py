@@ -117,6 +117,9 @@ class MethodSpec:
     search_updates: Callable | None = None  # (models, base, names, values, cfg, device) -> iterator; None: generic
     extra_checks: Callable[[Any], None] | None = None  # cross-option validation (raises ValueError)
     notes: dict[str, str] = field(default_factory=dict)
+    # mergekit's defaults where they differ from ccsmerge's: what a recipe's
+    # absent parameters take (a recipe means what mergekit makes of it).
+    recipe_defaults: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -1,8 +1,11 @@
 """TIES-Merging (Yadav et al. 2023), per tensor: keep each task vector's
-top-`density` magnitudes, elect the sign with the larger total mass, and
-average the kept values that agree with it. The sign election and disjoint
-mean (`elect_and_merge`) serve every TIES-style method; in row blocks the
-magnitude threshold is an exact radix selection over the blocks."""
+top-`density` magnitudes (a density per model, as mergekit allows), weigh
+it by its model's weight, elect the sign with the larger total mass, and
+average the kept values that agree with it (the disjoint mean, divided by
+the agreeing models' weights; without `normalize`: their sum). The sign
+election (`sign_agreement`) serves every TIES-style method and is mergekit
+0.1.5's: where the weighted sum is 0 the elected sign is +. In row blocks
+the magnitude thresholds are exact radix selections over the blocks."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import math
 import torch
 
 from ..numerics import compute_dtype, kth_smallest_magnitude
-from .elementwise import _inputs
-from .params import DENSITY, LAM
+from ..tensor_values import per_model
+from .elementwise import _inputs, combine
+from .params import DENSITY, LAM, NORMALIZE, WEIGHT
 from .spec import Cost, Decision, MethodSpec, Treatment
 
 
@@ -23,73 +27,74 @@ def task_vectors(xs: list[torch.Tensor], base: torch.Tensor) -> tuple[torch.Tens
     return torch.stack([x.to(work).reshape(-1) - b.reshape(-1) for x in xs]), b
 
 
-def elect_and_merge(taus: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def sign_agreement(taus: torch.Tensor) -> torch.Tensor:
     """TIES' sign election over (T, N) task vectors whose dropped entries are
-    zero: per element, the values whose sign agrees with the sign of their
-    sum, averaged (the disjoint mean) or, without normalize, summed (as
-    mergekit's TIES-style methods do by default)."""
-    elected = torch.sign(taus.sum(0))
-    agrees = (torch.sign(taus) == elected) & (taus != 0)
-    kept_sum = (taus * agrees).sum(0)
-    if not normalize:
-        return kept_sum
-    kept_count = agrees.sum(0).clamp_(min=1)
-    return kept_sum / kept_count
+    zero: per element, the nonzero values whose sign is that of their sum
+    (+ where the sum is 0)."""
+    elected = torch.where(taus.sum(0) >= 0, 1, -1).to(taus.dtype)
+    return torch.sign(taus) == elected
 
 
 def kept(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def top_magnitudes(taus: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
-    """taus with every |value| below its row's threshold zeroed (None: all kept)."""
-    return taus if threshold is None else taus * (taus.abs() >= threshold.unsqueeze(1))
+def keeps(job) -> list[int]:
+    """Per model, how many magnitudes its task vector keeps."""
+    numel = math.prod(job.shape)
+    return [kept(d, numel) for d in per_model(job.cfg.density, job.tasks)]
 
 
-def whole_threshold(taus: torch.Tensor, keep: int) -> torch.Tensor | None:
+def top_magnitudes(taus: torch.Tensor, thresholds: list[torch.Tensor | None]) -> torch.Tensor:
+    """taus with every |value| below its row's threshold zeroed (None: the row kept whole)."""
+    if all(t is None for t in thresholds):
+        return taus
+    return torch.stack([row if t is None else row * (row.abs() >= t) for row, t in zip(taus, thresholds)])
+
+
+def whole_thresholds(taus: torch.Tensor, counts: list[int]) -> list[torch.Tensor | None]:
     """Per row, the keep-th largest magnitude (values tied with it are all kept)."""
     numel = taus.shape[1]
-    if keep >= numel:
-        return None
-    return taus.abs().kthvalue(numel - keep + 1, dim=1).values
+    return [None if keep >= numel else row.abs().kthvalue(numel - keep + 1).values for row, keep in zip(taus, counts)]
 
 
-def blocks_threshold(job, rows, spans, keep: int) -> torch.Tensor | None:
+def blocks_thresholds(job, rows, spans, counts: list[int]) -> list[torch.Tensor | None]:
     numel = math.prod(job.shape)
-    if keep >= numel:
-        return None
-    return kth_smallest_magnitude(lambda: (task_vectors(*rows(start, stop))[0] for start, stop in spans), numel - keep + 1)
+    if all(keep >= numel for keep in counts):
+        return [None] * len(counts)
+    ranks = [numel - min(keep, numel) + 1 for keep in counts]
+    found = kth_smallest_magnitude(lambda: (task_vectors(*rows(start, stop))[0] for start, stop in spans), ranks)
+    return [None if keep >= numel else found[t] for t, keep in enumerate(counts)]
 
 
 def ties_whole(job, xs, base):
     if math.prod(job.shape) == 0:
         return base.to(job.out_dtype, copy=True)
     taus, b = task_vectors(xs, base)
-    taus = top_magnitudes(taus, whole_threshold(taus, kept(job.cfg.density, taus.shape[1])))
-    merged = b.reshape(-1) + job.cfg.lam * elect_and_merge(taus)
-    return merged.reshape(b.shape).to(job.out_dtype)
+    taus = top_magnitudes(taus, whole_thresholds(taus, keeps(job)))
+    return combine(job, taus, b, sign_agreement).reshape(b.shape).to(job.out_dtype)
 
 
 def ties_blocks(job, rows, spans, device):
-    threshold = blocks_threshold(job, rows, spans, kept(job.cfg.density, math.prod(job.shape)))
+    thresholds = blocks_thresholds(job, rows, spans, keeps(job))
     for start, stop in spans:
         taus, b = task_vectors(*rows(start, stop))
-        merged = b.reshape(-1) + job.cfg.lam * elect_and_merge(top_magnitudes(taus, threshold))
+        merged = combine(job, top_magnitudes(taus, thresholds), b, sign_agreement)
         yield merged.reshape(b.shape).to(job.out_dtype)
 
 
 def ties_passes(job) -> int:
     """One pass to merge, plus one per 16 bits of the radix selection."""
     numel = math.prod(job.shape)
-    if kept(job.cfg.density, numel) >= numel:
+    if all(keep >= numel for keep in keeps(job)):
         return 1
     return 1 + 8 * compute_dtype(job.dtype).itemsize // 16
 
 
-# Task vectors, magnitudes and masks; on a GPU in row blocks also the 64-bit radix digits.
+# Task vectors (plain, weighted and masked), magnitudes and masks; on a GPU in row blocks also the 64-bit radix digits.
 TIES_COST = Cost(
-    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + 4 * T * work + 2 * work + in_b + out_b,
-    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + 10 * T * work + 2 * work + in_b,
+    host=lambda T, has_base, in_b, work, out_b: _inputs(T, has_base, in_b) + 6 * T * work + 2 * work + in_b + out_b,
+    device=lambda T, has_base, in_b, work: _inputs(T, has_base, in_b) + 12 * T * work + 2 * work + in_b,
     passes=ties_passes,
 )
 
@@ -101,10 +106,11 @@ METHODS = (
         title="TIES-Merging (Yadav et al. 2023)",
         summary="trim to the top density, elect signs, disjoint mean; base + lam * merged",
         reference="https://arxiv.org/abs/2306.01708",
-        params=(LAM.with_default(1.0), DENSITY),
+        params=(LAM.with_default(1.0), DENSITY, WEIGHT, NORMALIZE.with_default(True)),
         needs_base=True,
         rule=lambda name, shape, dtype, cfg, T: Decision("ties", None, "elementwise"),
         treatments={"ties": TIES},
         search_axis="density",
+        recipe_defaults={"density": 1.0},
     ),
 )

@@ -150,7 +150,7 @@ def test_unknown_method_lists_the_valid_ones():
     models, _ = models_and_base()
     with pytest.raises(MergeError, match="method") as info:
         ccsmerge.merge(models, "slerp")
-    listed = {"average", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts",
+    listed = {"average", "linear", "task_arithmetic", "ties", "cart", "tsv_m", "iso_c", "iso_cts",
               "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"}
     for name in listed:
         assert name in str(info.value)
