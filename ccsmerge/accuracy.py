@@ -42,12 +42,39 @@ PROBE_COLUMNS = 16
 ARITHMETIC_MARGIN = 16.0
 
 
+def parse_tolerance(value):
+    """"auto", or a relative error in (0, 1) as a float (from a number or its text)."""
+    if value == "auto":
+        return "auto"
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < 1:
+        raise ValueError(f"tolerance must be 'auto' or a relative error in (0, 1), got {value!r}")
+    return float(number)
+
+
 def check_tolerance(tolerance) -> None:
-    """None, "auto", or a relative error in (0, 1)."""
-    if tolerance is None or tolerance == "auto":
-        return
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be 'auto' or a relative error in (0, 1), got {tolerance!r}")
+    """None (fixed power iterations), "auto", or a relative error in (0, 1)."""
+    if tolerance is not None:
+        parse_tolerance(tolerance)
+
+
+class Tolerance:
+    """The type of the `tolerance` option: "auto" or a float in (0, 1). Calling it
+    parses a value (argparse calls it on a flag's text); pydantic validates with it."""
+
+    def __new__(cls, value):
+        return parse_tolerance(value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(parse_tolerance)
 
 
 @functools.cache
