@@ -220,3 +220,28 @@ def test_without_tolerance_the_merge_is_todays():
     default = ccsmerge.merge(models, method="cart")
     fixed = ccsmerge.merge(models, method="cart", power_iters=4, oversample=max(10, K))
     assert all(torch.equal(default[n], fixed[n]) for n in default)
+
+
+def test_tolerance_through_the_cli_and_a_recipe(tmp_path):
+    """--tolerance 0.01 and a recipe's `tolerance: auto` merge what the API merges (bf16 inputs)."""
+    import yaml
+
+    from ccsmerge.cli import main
+    from checkpoints import load_output, toy_set, write_set
+
+    _, models = toy_set(3, width=48, vocab=96, dtype=torch.bfloat16, int_buffer=False)
+    _, paths = write_set(tmp_path / "in", models[0], models)
+    inputs = [a for p in paths for a in ("--model", str(p))]
+    for tolerance in (0.01, "auto"):
+        expected = ccsmerge.merge(models, method="cart", tolerance=tolerance, device="cpu")
+        out = tmp_path / f"cli-{tolerance}"
+        assert main(["merge", *inputs, "--tolerance", str(tolerance), "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+        recipe = {"merge_method": "cart", "models": [{"model": str(p)} for p in paths],
+                  "parameters": {"tolerance": tolerance}}
+        (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+        from_recipe = tmp_path / f"recipe-{tolerance}"
+        assert main(["merge", str(tmp_path / "recipe.yml"), "--device", "cpu", "--quiet", "--out", str(from_recipe)]) == 0
+        for folder in (out, from_recipe):
+            got = load_output(folder)
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[n], expected[n]) for n in expected), folder
