@@ -15,7 +15,8 @@ k = 12 % of min(m, n)), measured by brute force with torch.linalg.svd:
    chose, its target, estimate and true error against the exact float64 update of
    the same inputs.
 
-    python benchmarks/precision.py [--quick] [--out DIR]      # 1024^2 (~5 min on 2 cores); --quick 256^2
+    python benchmarks/precision.py [--quick | --size M] [--out DIR]
+    # 1024^2: ~1 h on 2 shared cores (the exact SVDs); --size 512: ~15 min; --quick: 256^2, ~20 s
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def main() -> None:
     text = markdown(rows, header)
     log(text)
     if args.out:
-        write_results(args.out, "precision" + ("-quick" if m != 1024 else ""),
+        write_results(args.out, "precision" if m == 1024 else f"precision-{m}",
                       {"machine": info, "checkout": git_state(), "rows": rows}, text)
 
 

@@ -213,6 +213,7 @@ def adaptive_randomized_svd_over_rows(
         target = accuracy.resolve_target(tolerance, floor or 0.0)
         if estimate <= target or iters == max_power_iters:
             break
+        del factors, spectra  # the planned memory holds one set of factors, at the end
         q = passes.range_basis(kernels.orthonormalize(bt))
         bt = passes.transposed_product(q)
         iters += 1
