@@ -25,9 +25,9 @@ import torch
 # tolerance="auto" aims at this fraction of the rounding floor: an error a quarter
 # of the inputs' own uncertainty adds ~3 % to it in quadrature (sqrt(1 + 1/16)).
 AUTO_FRACTION = 0.25
-# ...and never below this: fp32 inputs have a floor of ~1e-5, far below any difference a
-# merged model shows; measured, the demo's and MiniLM's merges at updates 0.04-0.8 % from
-# the exact one score as exact CART does (benchmarks/results/cpu-2core/precision/).
+# ...and never below this: fp32 inputs have floors of ~1e-5 (benchmarks/precision.py), far
+# below any difference a merged model shows: the defaults, 0.04-0.8 % from the exact update on
+# synthetic and the demo's task vectors, score as exact CART in the demo and MiniLM benchmarks.
 AUTO_MIN_TARGET = 0.01
 # The regularisation of the first-order gap denominators: a pair of singular values
 # closer than the noise swaps rather than rotates, a change bounded by the pair's size.
@@ -128,7 +128,8 @@ def rounding_floor(
     """Estimated relative change ||delta Delta|| / ||Delta|| of the exact CART update
     Delta = sum_t LowRank_k(D_t) when the inputs are rounded (noise: `rounding_noise`),
     the tasks' changes taken as independent. Validated against the brute-force
-    measurement (benchmarks/precision.py): 1.0-2.1x the measured change."""
+    measurement (benchmarks/precision.py, 512^2): 1.1-1.7x the measured change from the
+    full spectra, 1.2-1.8x from the top 2k singular values."""
     if noise == 0.0 or update_norm == 0.0:
         return 0.0
     variance = rounding_variance(singular_values, k, shape, noise).sum()
