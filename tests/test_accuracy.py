@@ -202,18 +202,6 @@ def test_the_cap_warns_with_the_tensor_name():
         ccsmerge.merge(models, method="cart", tolerance=1e-4, power_iters=1, oversample=0)
 
 
-def test_tolerance_is_refused_where_it_cannot_apply():
-    models = _models(3)
-    with pytest.raises(ccsmerge.MergeError, match="tolerance applies to svd='randomized' only"):
-        ccsmerge.merge(models, method="cart", tolerance=0.01, svd="exact")
-    with pytest.raises(ccsmerge.MergeError, match="at least 1"):
-        ccsmerge.merge(models, method="cart", tolerance=0.01, power_iters=0)
-    with pytest.raises(ccsmerge.MergeError, match="does not take tolerance"):
-        ccsmerge.merge(models, method="average", tolerance=0.01)
-    with pytest.raises(ccsmerge.MergeError, match="tolerance"):
-        ccsmerge.merge(models, method="cart", tolerance=1.0)
-
-
 def test_without_tolerance_the_merge_is_todays():
     """tolerance=None is the fixed default: 4 power iterations, oversample max(10, k)."""
     models = _models(3)
