@@ -167,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="256 x 256 instead of 1024 x 1024")
     parser.add_argument("--size", type=int, help="m = n (default 1024, 256 with --quick)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=list(TASKS), help="values of T (default 3 8)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     m = args.size or (256 if args.quick else 1024)
@@ -174,7 +175,7 @@ def main() -> None:
     header = f"{describe(info)}; checkout {git_state()}"
     log(header)
     rows = []
-    for T in TASKS:
+    for T in args.tasks:
         for strength in STRENGTHS:
             start = time.perf_counter()
             rows.append(measure(m, T, strength))
@@ -185,7 +186,9 @@ def main() -> None:
     text = markdown(rows, header)
     log(text)
     if args.out:
-        write_results(args.out, "precision" if m == 1024 else f"precision-{m}",
+        stem = ("precision" if m == 1024 else f"precision-{m}") + ("" if args.tasks == list(TASKS) else
+                                                                   "-T" + "-".join(map(str, args.tasks)))
+        write_results(args.out, stem,
                       {"machine": info, "checkout": git_state(), "rows": rows}, text)
 
 
