@@ -187,7 +187,8 @@ def adaptive_randomized_svd_over_rows(
         if first_pass is not None:
             first_pass(xs, center)
         reference = [center] if center is not None else xs
-        energy[0] += sum(float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2) for x in reference)
+        # in the block's own dtype: a float64 copy would overrun the planned memory
+        energy[0] += sum(float(torch.linalg.vector_norm(x)) ** 2 for x in reference)
         energy[1] += sum(x.numel() for x in reference)
         energy[2] = len(xs)
 
@@ -213,8 +214,13 @@ def adaptive_randomized_svd_over_rows(
         target = accuracy.resolve_target(tolerance, floor or 0.0)
         if estimate <= target or iters == max_power_iters:
             break
-        del factors, spectra  # the planned memory holds one set of factors, at the end
-        q = passes.range_basis(kernels.orthonormalize(bt))
+        # What stays alive is what the fixed algorithm holds: one set of factors (at the
+        # end), and not the previous D^T Q while the next basis is formed.
+        del factors, spectra
+        rhs = kernels.orthonormalize(bt)
+        del bt
+        q = passes.range_basis(rhs)
+        del rhs
         bt = passes.transposed_product(q)
         iters += 1
     capped = estimate > target
