@@ -186,8 +186,9 @@ def main() -> None:
     text = markdown(rows, header)
     log(text)
     if args.out:
-        stem = ("precision" if m == 1024 else f"precision-{m}") + ("" if args.tasks == list(TASKS) else
-                                                                   "-T" + "-".join(map(str, args.tasks)))
+        every = args.tasks == list(TASKS)
+        stem = "precision" if m == 1024 and every else f"precision-{m}" + ("" if every else "-T" + "-".join(
+            map(str, args.tasks)))
         write_results(args.out, stem,
                       {"machine": info, "checkout": git_state(), "rows": rows}, text)
 
