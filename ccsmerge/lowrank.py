@@ -5,11 +5,14 @@ factors of every D_t = xs[t] - C, batched: U (T, m, k), S (T, k), Vh (T, k, n)."
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import accuracy, kernels
 from .numerics import compute_dtype
 
 
@@ -86,36 +89,147 @@ def randomized_svd_over_rows(
         raise ValueError("oversample and power_iters must be >= 0")
     width = sketch_width(k, oversample, m, n)
     omega = gaussian_test_matrix(n, width, seed, dtype, device)
-    whole = blocks == [(0, m)]
+    passes = _RowPasses(rows, blocks, m, width, dtype, device)
+    q = passes.range_basis(omega, first_pass)  # (T, m, l)
+    for _ in range(power_iters):
+        q = passes.range_basis(kernels.orthonormalize(passes.transposed_product(q)))
+    # B_t = Q_t^T D_t holds D_t's top singular triplets; centered_matmul gives its transpose.
+    return top_triplets(q, passes.transposed_product(q), k)
 
-    def range_basis(rhs, check=None):  # orth(D rhs)
+
+class _RowPasses:
+    """The blocked algorithm's two products: orth(D rhs), assembled block by block,
+    and D^T q, summed over row blocks."""
+
+    def __init__(self, rows: CenteredRows, blocks, m: int, width: int, dtype, device):
+        self.rows, self.blocks, self.m, self.width, self.dtype, self.device = rows, blocks, m, width, dtype, device
+        self.whole = blocks == [(0, m)]
+
+    def range_basis(self, rhs, check=None):  # orth(D rhs)
         y = None
-        for start, stop in blocks:
-            xs, center = rows(start, stop)
+        for start, stop in self.blocks:
+            xs, center = self.rows(start, stop)
             if check is not None:
                 check(xs, center)
             part = kernels.centered_matmul(xs, center, rhs)
-            if whole:
+            if self.whole:
                 y = part
                 break
             if y is None:
-                y = torch.empty((part.shape[0], m, width), dtype=dtype, device=device)
+                y = torch.empty((part.shape[0], self.m, self.width), dtype=self.dtype, device=self.device)
             y[:, start:stop] = part
         return kernels.orthonormalize(y)
 
-    def transposed_product(q):  # D^T q, summed over row blocks
+    def transposed_product(self, q):  # D^T q, summed over row blocks
         total = None
-        for start, stop in blocks:
-            xs, center = rows(start, stop)
-            part = kernels.centered_matmul(xs, center, q if whole else q[:, start:stop].contiguous(), transpose=True)
+        for start, stop in self.blocks:
+            xs, center = self.rows(start, stop)
+            part = kernels.centered_matmul(
+                xs, center, q if self.whole else q[:, start:stop].contiguous(), transpose=True
+            )
             total = part if total is None else total.add_(part)
         return total
 
-    q = range_basis(omega, first_pass)  # (T, m, l)
-    for _ in range(power_iters):
-        q = range_basis(kernels.orthonormalize(transposed_product(q)))
-    # B_t = Q_t^T D_t holds D_t's top singular triplets; centered_matmul gives its transpose.
-    return top_triplets(q, transposed_product(q), k)
+
+@dataclass(frozen=True)
+class SketchReport:
+    """What an adaptive randomized SVD did for one tensor: power iterations run, sketch
+    width, the estimated relative error of the update sum_t U_t S_t Vh_t, the target it
+    aimed at, the estimated rounding floor of the inputs (None for an explicit target),
+    and whether it stopped at the cap above the target."""
+
+    power_iters: int
+    width: int
+    estimated_error: float
+    target: float
+    rounding_floor: float | None
+    reached_cap: bool
+
+
+def adaptive_randomized_svd_over_rows(
+    rows: CenteredRows,
+    shape: tuple[int, int],
+    blocks: list[tuple[int, int]],
+    k: int,
+    *,
+    oversample: int,
+    tolerance: float | str,
+    max_power_iters: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    storage_dtype: torch.dtype,
+    name: str,
+    first_pass: Callable[[list[torch.Tensor], torch.Tensor | None], None] | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SketchReport]:
+    """randomized_svd_over_rows with as many power iterations as the target needs
+    (accuracy.resolve_target of tolerance), at most max_power_iters, with a warning
+    naming the tensor when the cap stops it above the target. Every iterate is the
+    one the fixed algorithm gives after that many iterations (same products, same
+    bytes); each adds, besides its two passes, the small SVD of its sketch and a
+    probe of g = 16 columns (O(T (m + n) l (l + g))), so the estimate needs no extra
+    pass over the inputs: it is computed from the sketch the blocked algorithm
+    already holds (Q whole, D^T Q summed over blocks). The rounding floor's noise
+    level comes from the center's norm, summed in the first pass."""
+    m, n = shape
+    _check_rank(k, m, n)
+    accuracy.check_tolerance(tolerance)
+    if tolerance is None:
+        raise ValueError("adaptive_randomized_svd_over_rows needs a tolerance")
+    if oversample < 0 or max_power_iters < 1:
+        raise ValueError("oversample must be >= 0 and max_power_iters >= 1")
+    width = sketch_width(k, oversample, m, n)
+    omega = gaussian_test_matrix(n, width, seed, dtype, device)
+    passes = _RowPasses(rows, blocks, m, width, dtype, device)
+    energy = [0.0, 0, 0]  # sum of squares and entry count of the center (or inputs), task count
+
+    def first(xs, center):
+        if first_pass is not None:
+            first_pass(xs, center)
+        reference = [center] if center is not None else xs
+        # in the block's own dtype: a float64 copy would overrun the planned memory
+        energy[0] += sum(float(torch.linalg.vector_norm(x)) ** 2 for x in reference)
+        energy[1] += sum(x.numel() for x in reference)
+        energy[2] = len(xs)
+
+    monitor = accuracy.ConvergenceMonitor(accuracy.probe_matrix(n, seed, dtype, device), k, width == min(m, n))
+    q = passes.range_basis(omega, first)
+    bt = passes.transposed_product(q)
+    weights_rms = math.sqrt(energy[0] / max(energy[1], 1))
+    noise = accuracy.rounding_noise(storage_dtype, weights_rms, energy[2])
+    # The arithmetic's own rounding (the centered products cancel at the weights' scale)
+    # bounds how close any iterate gets to the exact update: it enters like a rounding
+    # of the inputs to the compute dtype.
+    arithmetic_noise = accuracy.rounding_noise(dtype, weights_rms, energy[2])
+    iters = 0
+    while True:
+        factors, spectra = _top_triplets_and_spectra(q, bt, k)
+        estimate = monitor.observe(factors, spectra)
+        estimate += accuracy.ARITHMETIC_MARGIN * accuracy.rounding_floor(
+            spectra, k, shape, arithmetic_noise, monitor.update_norm
+        )
+        floor = None
+        if tolerance == "auto":
+            floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
+        target = accuracy.resolve_target(tolerance, floor or 0.0)
+        if estimate <= target or iters == max_power_iters:
+            break
+        # What stays alive is what the fixed algorithm holds: one set of factors (at the
+        # end), and not the previous D^T Q while the next basis is formed.
+        del factors, spectra
+        rhs = kernels.orthonormalize(bt)
+        del bt
+        q = passes.range_basis(rhs)
+        del rhs
+        bt = passes.transposed_product(q)
+        iters += 1
+    capped = estimate > target
+    if capped:
+        warnings.warn(
+            f"tensor '{name}': {iters} power iterations (the cap) leave an estimated update error of "
+            f"{estimate:.2%}, above the target {target:.2%}; raise power_iters or oversample, or use svd='exact'"
+        )
+    return factors, SketchReport(iters, width, estimate, target, floor, capped)
 
 
 def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,13 +240,19 @@ def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tenso
     float32 factors carry), U = Q W, and sigma v = B^T w, whose norm gives sigma
     with full relative accuracy; 2x faster than an SVD of bt on the CPU, 4-5x
     on the GPU. float64 has no wider type to square into: plain SVD of bt."""
+    return _top_triplets_and_spectra(q, bt, k)[0]
+
+
+def _top_triplets_and_spectra(q, bt, k):
+    """top_triplets and all l singular values of every B_t (T, l), descending, in float64."""
     if bt.dtype == torch.float64:
         v, s, wh = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
-        return q @ wh.mT[..., :k], s[..., :k], v.mT[..., :k, :]
+        return (q @ wh.mT[..., :k], s[..., :k], v.mT[..., :k, :]), s
     # The float64 copies of the (n x l) B^T are made one task at a time: their
     # memory is that of one task, not T. The l x l eigenproblems stay batched.
     gram = torch.stack([b.mT @ b for b in (bt[t].to(torch.float64) for t in range(bt.shape[0]))])
-    ws = torch.linalg.eigh(gram).eigenvectors[..., -k:]  # eigenvalues ascend
+    eigen = torch.linalg.eigh(gram)  # eigenvalues ascend
+    ws = eigen.eigenvectors[..., -k:]
     dtype = q.dtype
     us, ss, vhs = [], [], []
     for t in range(bt.shape[0]):
@@ -145,7 +265,8 @@ def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tenso
         us.append(q[t] @ w.to(dtype))
         ss.append(s.to(dtype))
         vhs.append(_polar_step(vh).to(dtype))
-    return torch.stack(us), torch.stack(ss), torch.stack(vhs)
+    spectra = eigen.eigenvalues.clamp_min(0).sqrt().flip(-1)
+    return (torch.stack(us), torch.stack(ss), torch.stack(vhs)), spectra
 
 
 def _polar_step(x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch
 
 from .. import kernels
 from ..errors import MergeError
-from ..lowrank import centered_exact_svd, randomized_svd_over_rows, sketch_width
+from ..lowrank import adaptive_randomized_svd_over_rows, centered_exact_svd, randomized_svd_over_rows, sketch_width
 from ..numerics import all_finite, compute_dtype, nonfinite_input, tensor_seed
 from .elementwise import AVERAGE, _inputs
-from .params import LAM, LOWRANK_SELECTION, RANK_RATIO, SVD_ENGINE, lowrank_rank, lowrank_rule
+from .params import LAM, LOWRANK_SELECTION, RANK_RATIO, SVD_ENGINE, TOLERANCE, lowrank_rank, lowrank_rule
 from .spec import Cost, Decision, MethodSpec, Treatment
 from .stacked import stacked, treatment_for
 
@@ -35,8 +35,14 @@ def oversample_for(cfg, k: int) -> int:
     return max(10, k) if cfg.oversample is None else cfg.oversample
 
 
+# With a tolerance, power_iters is the cap of the adaptive iterations (this by default).
+MAX_ADAPTIVE_POWER_ITERS = 8
+
+
 def power_iters_for(cfg) -> int:
-    return 4 if cfg.power_iters is None else cfg.power_iters
+    if cfg.power_iters is not None:
+        return cfg.power_iters
+    return 4 if getattr(cfg, "tolerance", None) is None else MAX_ADAPTIVE_POWER_ITERS
 
 
 def cart_factors(job, rows, spans, device, first_pass=None):
@@ -53,6 +59,14 @@ def cart_factors(job, rows, spans, device, first_pass=None):
         if first_pass is not None:
             first_pass(xs, center)
         return centered_exact_svd(xs, center, k)
+    if getattr(cfg, "tolerance", None) is not None:
+        factors, _report = adaptive_randomized_svd_over_rows(  # the report is not recorded yet
+            rows, job.shape, spans, k, oversample=oversample_for(cfg, k), tolerance=cfg.tolerance,
+            max_power_iters=power_iters_for(cfg), seed=tensor_seed(cfg.seed, job.name),
+            dtype=compute_dtype(job.dtype), device=device, storage_dtype=job.dtype, name=job.name,
+            first_pass=first_pass,
+        )
+        return factors
     return randomized_svd_over_rows(
         rows,
         job.shape,
@@ -170,6 +184,10 @@ STACKED_LOWRANK = stacked(LOWRANK)
 def _check(cfg) -> None:
     if cfg.svd == "exact" and (cfg.oversample is not None or cfg.power_iters is not None):
         raise ValueError("oversample and power_iters apply to svd='randomized' only")
+    if cfg.tolerance is not None and cfg.svd == "exact":
+        raise ValueError("tolerance applies to svd='randomized' only (svd='exact' is the reference)")
+    if cfg.tolerance is not None and cfg.power_iters == 0:
+        raise ValueError("with a tolerance, power_iters caps the adaptive iterations: give at least 1")
 
 
 def with_rank(job, rank: int):
@@ -182,7 +200,7 @@ METHODS = (
         title="CART (Choi et al. 2024)",
         summary="theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on weight matrices",
         reference="https://arxiv.org/abs/2412.12153",
-        params=(RANK_RATIO, LAM.with_default(2.0), *SVD_ENGINE, *LOWRANK_SELECTION),
+        params=(RANK_RATIO, LAM.with_default(2.0), *SVD_ENGINE, TOLERANCE, *LOWRANK_SELECTION),
         needs_base=False,
         rule=cart_rule,
         treatments={"low-rank": LOWRANK, STACKED_LOWRANK.name: STACKED_LOWRANK, "average": AVERAGE},

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from ..accuracy import Tolerance
 from .spec import Param
 
 LAM = Param("lam", float, 1.0, "scale of the update (recipe key: lambda)", alias="lambda")
@@ -23,6 +24,11 @@ SVD = Param("svd", str, "randomized", "truncated SVD: the randomized engine or t
             choices=("randomized", "exact"))
 OVERSAMPLE = Param("oversample", int, None, "randomized SVD oversampling (default max(10, k))", ge=0)
 POWER_ITERS = Param("power_iters", int, None, "randomized SVD power iterations (default 4)", ge=0)
+TOLERANCE = Param(
+    "tolerance", Tolerance, None,
+    "target relative error of the randomized update: 'auto' (a quarter of the inputs' rounding floor, "
+    "at least 0.01) or a number in (0, 1); power iterations then adapt, power_iters caps them (default 8)",
+)
 SEED = Param("seed", int, 0, "seed of the randomized steps", ge=0)
 LOWRANK_INCLUDE = Param("lowrank_include", tuple, (), "regexes of tensors given the low-rank step (override excludes)")
 LOWRANK_EXCLUDE = Param("lowrank_exclude", tuple, (), "regexes of tensors kept out of it, added to the default excludes")

@@ -164,6 +164,11 @@ def test_unknown_method_lists_the_valid_ones():
         ({"oversample": -1}, "oversample"),
         ({"power_iters": -2}, "power_iters"),
         ({"seed": -1}, "seed"),
+        ({"tolerance": 1.0}, "tolerance"),
+        ({"tolerance": "fast"}, "tolerance"),
+        ({"tolerance": 0.01, "svd": "exact"}, "tolerance applies to svd='randomized' only"),
+        ({"tolerance": 0.01, "power_iters": 0}, "power_iters caps the adaptive iterations"),
+        ({"method": "average", "tolerance": 0.01}, "does not take tolerance"),
     ],
 )
 def test_other_bad_options(options, field):

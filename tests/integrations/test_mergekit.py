@@ -183,6 +183,7 @@ NON_DEFAULT = {
     "oversample": 7,
     "power_iters": 2,
     "seed": 9,
+    "tolerance": 0.05,
     "lowrank_include": ("w",),
     "lowrank_exclude": ("w",),
     "lowrank_stacked": ("experts",),
