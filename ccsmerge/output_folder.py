@@ -18,7 +18,8 @@ target never holds an incomplete output:
    or emptied (overwrite) under the lock.
 3. The caller writes its shards and index into `partial`.
 4. publish(): the aux files (config, tokenizer, ...: each from the first
-   source that has it, config.json's dtype set to the output's), a last check
+   source that has it, the tokenizer's from tokenizer_source where given,
+   config.json's dtype, vocab_size and layer count set to the output's), a last check
    that no input changed meanwhile, and the rename into place (an old output
    is replaced only now).
 
