@@ -207,8 +207,15 @@ def align(
     rows = len(ids)
     by_id = sorted(out_vocab, key=out_vocab.__getitem__)
     own = []
-    for vocab, limit in zip(vocabs, limits):
+    for (label, _, _), vocab, limit in zip(inputs, vocabs, limits):
         found = [vocab.get(token, -1) for token in by_id]
+        beyond = [token for token, i in zip(by_id, found) if i >= limit]
+        if beyond:  # mergekit: "padding?"; the row is filled as for a missing token
+            warnings.warn(
+                f"{label}: {len(beyond)} tokens of its tokenizer (such as {beyond[0]!r}) are at ids beyond its "
+                f"{limit} vocabulary rows (vocab_size): they are taken as missing from it",
+                stacklevel=3,
+            )
         own.append(torch.tensor([i if 0 <= i < limit else -1 for i in found], dtype=torch.long))
     present = torch.stack([o >= 0 for o in own])  # (inputs, rows)
     fill: dict[int, tuple[str, list[tuple[int, int]]]] = {}

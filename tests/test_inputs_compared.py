@@ -308,6 +308,16 @@ def test_tokenizer_source_aligns_the_vocabulary_rows(tmp_path, source):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(tokens)
 
 
+def test_an_input_without_a_tokenizer_is_taken_to_have_the_bases(tmp_path):
+    sds = [toy(0), toy(1), toy(2)]
+    base = save(tmp_path / "base", sds[0], LLAMA, WORDS)
+    a = save(tmp_path / "a", sds[1], LLAMA, WORDS)
+    bare = save(tmp_path / "bare", sds[2], LLAMA)
+    with pytest.warns(UserWarning, match=f"{bare}: no tokenizer to read its vocabulary from: taken to be {base}"):
+        ccsmerge.merge_checkpoints([a, bare], tmp_path / "out", "average", base=base, tokenizer_source="base")
+    assert_close_in(torch.float32, load_output(tmp_path / "out"), average(sds[1:]))
+
+
 def test_tokenizer_source_union_is_refused(tmp_path):
     paths = [save(tmp_path / f"ft{i}", toy(i), LLAMA, WORDS) for i in range(2)]
     with pytest.raises(MergeError, match="'union'.*not supported"):
@@ -328,7 +338,10 @@ def test_same_vocabularies_pass_through(tmp_path):
 
 def test_aligned_rows_read_in_blocks_are_the_whole_tensors_rows(tmp_path):
     """Row blocks of a reordered vocabulary (what a merge under a small budget reads) are the rows of the whole."""
-    folders = [save(tmp_path / n, toy(i, vocab=len(VOCABS[n]), layers=1), LLAMA, VOCABS[n]) for i, n in enumerate(VOCABS) if n != "outside"]
+    folders = []
+    for i, n in enumerate(["base", "ft0", "ft1", "ft2"]):
+        config = {**LLAMA, "vocab_size": len(VOCABS[n])}
+        folders.append(save(tmp_path / n, toy(i, vocab=len(VOCABS[n]), layers=1), config, VOCABS[n]))
     from ccsmerge.streaming import prepare_merge
 
     prepared = prepare_merge(folders[1:], "task_arithmetic", folders[0], tokenizer_source=str(folders[1]))
@@ -339,3 +352,36 @@ def test_aligned_rows_read_in_blocks_are_the_whole_tensors_rows(tmp_path):
             for start in range(whole.shape[0]):
                 for stop in range(start + 1, whole.shape[0] + 1):
                     assert torch.equal(view.read_rows(name, start, stop), whole[start:stop])
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_the_flags_reach_the_merge(tmp_path, capsys):
+    from ccsmerge.cli import main
+
+    sds = [toy(0, dtype=torch.bfloat16), toy(1)]
+    a, b = save(tmp_path / "a", sds[0], LLAMA, WORDS), save(tmp_path / "b", sds[1], {**MISTRAL, "vocab_size": 7}, WORDS + ["<a>"])
+    b_rows = {**sds[1], "embed_tokens.weight": torch.randn(7, 16), "lm_head.weight": torch.randn(7, 16)}
+    save_file(b_rows, b / "model.safetensors")
+    command = ["merge", "--method", "average", "--model", str(a), "--model", str(b), "--device", "cpu", "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "refused")]) == 1
+    assert "--allow-config-mismatch" in capsys.readouterr().err
+    command += ["--allow-config-mismatch"]
+    with pytest.warns(UserWarning, match="architectures"):
+        assert main([*command, "--out", str(tmp_path / "refused")]) == 1
+    assert "--tokenizer-source" in capsys.readouterr().err  # the vocabularies: "b has 1 more vocabulary rows"
+    command += ["--tokenizer-source", str(b)]
+    with pytest.warns(UserWarning, match="architectures"):
+        assert main([*command, "--out", str(tmp_path / "refused")]) == 1
+    assert "--input-dtype" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="architectures"):
+        assert main([*command, "--input-dtype", "float32", "--out", str(tmp_path / "out")]) == 0
+    out = load_output(tmp_path / "out")
+    assert out["embed_tokens.weight"].shape == (7, 16) and out["lm_head.weight"].dtype == torch.float32
+    # the token only b has: its row for both inputs
+    assert torch.equal(out["embed_tokens.weight"][6], b_rows["embed_tokens.weight"][6])
+    plan = ["plan", *(c for c in command[1:] if c != "--quiet"), "--input-dtype", "bfloat16"]
+    with pytest.warns(UserWarning, match="architectures"):
+        assert main(plan) == 0
+    assert "bfloat16" in capsys.readouterr().out
