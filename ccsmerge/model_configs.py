@@ -49,16 +49,20 @@ OVERRIDE = "--allow-config-mismatch"
 
 
 def read_config(folder: Path | None) -> dict | None:
-    """A model folder's parsed config.json; None where there is none."""
+    """A model folder's parsed config.json; None where there is none, or
+    (with a warning: it is copied as it is, and refused only where the
+    output must edit it) where it is not a JSON object."""
     if folder is None or not (folder / CONFIG_FILE).is_file():
         return None
     path = folder / CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise MergeError(f"{path}: cannot be read as JSON ({exc})") from None
+        warnings.warn(f"{path}: cannot be read as JSON ({exc}): not compared with the other inputs'", stacklevel=3)
+        return None
     if not isinstance(config, dict):
-        raise MergeError(f"{path}: holds a JSON {type(config).__name__}, not an object")
+        warnings.warn(f"{path}: holds a JSON {type(config).__name__}, not an object: not compared", stacklevel=3)
+        return None
     return config
 
 
