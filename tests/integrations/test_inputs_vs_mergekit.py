@@ -183,3 +183,33 @@ def test_single_range_slices_equal_mergekit(llamas, tmp_path):
     assert json.loads((tmp_path / "mergekit" / "config.json").read_text())["num_hidden_layers"] == stop - start
     model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_input_dtype_equals_mergekit_dtype(llamas, tmp_path):
+    """A fine-tune saved in bfloat16 beside float32 ones: mergekit's `dtype:
+    float32` (inputs cast, merged in float32) and ccsmerge's input_dtype."""
+    base, paths = llamas
+    first = base.parent / "ft1"
+    half = tmp_path / "ft1-bf16"
+    half.mkdir()
+    generator = torch.Generator().manual_seed(7)
+    save_file(
+        {k: (v + 0.01 * torch.randn(v.shape, generator=generator)).to(torch.bfloat16) for k, v in tensors(first).items()},
+        half / "model.safetensors",
+    )
+    config = json.loads((first / "config.json").read_text())
+    (half / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    models = [first, half]
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in models],
+        "parameters": {"lambda": 0.9},
+        "dtype": "float32",
+    }
+    theirs = run_mergekit(recipe, tmp_path / "mergekit")
+    with pytest.raises(ccsmerge.MergeError, match="--input-dtype"):
+        ccsmerge.plan_checkpoints(models, "task_arithmetic", base=base)
+    out = tmp_path / "ccsmerge"
+    ccsmerge.merge_checkpoints(models, out, "task_arithmetic", base=base, lam=0.9, input_dtype="float32", device="cpu")
+    assert_same(theirs, tensors(out), scale_by_role(theirs, magnitudes([base, *models])))
