@@ -34,7 +34,6 @@ VOCAB_TENSORS = re.compile(
     r"(^|\.)(embed_tokens|embed_in|embed_out|tok_embeddings|wte|word_embeddings|lm_head|shared)\.weight$"
     r"|(^|\.)cls\.predictions\.(bias|decoder\.weight|decoder\.bias)$"
 )
-SOURCES = ("base", "PATH")  # what tokenizer_source takes (PATH: a folder holding a tokenizer)
 ADVICE = "--tokenizer-source base|PATH merges them"
 
 # How an input lacking a token fills its row.
