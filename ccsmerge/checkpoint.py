@@ -67,10 +67,8 @@ _ADAPTER_ADVICE = (
 # A Hugging Face Hub id: "org/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
-# Files of a model folder that travel with the merged weights.
-AUX_PATTERNS = (
-    "config.json",
-    "generation_config.json",
+# A tokenizer's files in a model folder.
+TOKENIZER_PATTERNS = (
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -78,10 +76,16 @@ AUX_PATTERNS = (
     "merges.txt",
     "chat_template*",
     "*.tiktoken",
-    "preprocessor_config.json",
-    "processor_config.json",
     "spiece.model",
     "sentencepiece*.model",
+)
+# Files of a model folder that travel with the merged weights.
+AUX_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_PATTERNS,
+    "preprocessor_config.json",
+    "processor_config.json",
 )
 
 
@@ -148,12 +152,13 @@ class Checkpoint:
         """Rows start:stop (along dim 0) of a tensor with at least one dimension."""
         return self._read(self.info(name), (start, stop))
 
-    def aux_files(self) -> list[Path]:
+    def held_itemsize(self, name: str) -> int:
+        """Bytes an element of `name` holds while it is read (a view of the file's)."""
+        return self.info(name).dtype.itemsize
+
+    def aux_files(self, patterns: tuple[str, ...] = AUX_PATTERNS) -> list[Path]:
         """Config, tokenizer and generation files beside the weights (none for a bare file)."""
-        if self.folder is None:
-            return []
-        found = {p for pattern in AUX_PATTERNS for p in self.folder.glob(pattern) if p.is_file()}
-        return sorted(p for p in found if p not in self.files and not p.name.endswith(".index.json"))
+        return folder_files(self.folder, patterns, self.files)
 
     def _read(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
         try:
@@ -191,6 +196,14 @@ class Checkpoint:
             if t.device.type != "cpu":  # a meta tensor: a shape without data
                 raise MergeError(f"{file}: tensor '{name}' holds no data (it is on the {t.device.type} device)")
         return {name: TensorInfo(name, tuple(t.shape), t.dtype, file) for name, t in state.items()}
+
+
+def folder_files(folder: Path | None, patterns: tuple[str, ...], weights=()) -> list[Path]:
+    """The regular files of a folder matching patterns, weights and indexes left out."""
+    if folder is None:
+        return []
+    found = {p for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
+    return sorted(p for p in found if p not in weights and not p.name.endswith(".index.json"))
 
 
 class _NotZipfile(Exception):

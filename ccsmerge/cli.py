@@ -95,6 +95,24 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", metavar="PATH", help="the pretrained base model (all but average and cart need it)")
     add_option_flags(parser, [*METHOD_PARAMS.values(), COMMON_PARAMS[2]])
     parser.add_argument("--dtype", choices=DTYPES, help="output dtype of floating tensors (default: the inputs')")
+    parser.add_argument(
+        "--input-dtype",
+        choices=DTYPES,
+        help="cast every floating input tensor to this dtype before merging (inputs saved in different dtypes)",
+    )
+    parser.add_argument(
+        "--tokenizer-source",
+        metavar="base|PATH",
+        help="the output's tokenizer: the base model's (or the first model's) or a folder's; embedding and head "
+        "rows of every input are cut or padded to its vocabulary as mergekit does (added tokens)",
+    )
+    parser.add_argument(
+        "--allow-config-mismatch",
+        action="store_const",
+        const=True,
+        default=None,
+        help="merge models whose config.json differ in architecture or shapes (with a warning)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
     parser.add_argument(
@@ -220,6 +238,16 @@ def merge_arguments(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def input_flags(args: argparse.Namespace) -> dict:
+    """The flags that change what is read of the inputs, where given (they win over a recipe)."""
+    given = {
+        "input_dtype": args.input_dtype,
+        "tokenizer_source": args.tokenizer_source,
+        "allow_config_mismatch": args.allow_config_mismatch,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def print_plan(plan) -> None:
     on_gpu = plan.gpu_budget is not None
     rows = []
@@ -301,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         kwargs = merge_arguments(args)
+        kwargs.update(input_flags(args))
         if args.command == "plan":
             print_plan(plan_checkpoints(**kwargs))
             return 0

@@ -18,7 +18,8 @@ target never holds an incomplete output:
    or emptied (overwrite) under the lock.
 3. The caller writes its shards and index into `partial`.
 4. publish(): the aux files (config, tokenizer, ...: each from the first
-   source that has it, config.json's dtype set to the output's), a last check
+   source that has it, the tokenizer's from tokenizer_source where given,
+   config.json's dtype, vocab_size and layer count set to the output's), a last check
    that no input changed meanwhile, and the rename into place (an old output
    is replaced only now).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import json
@@ -40,14 +42,14 @@ import shutil
 import struct
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from .checkpoint import SAFETENSORS_INDEX, TORCH_INDEX, Checkpoint
+from .checkpoint import SAFETENSORS_INDEX, TOKENIZER_PATTERNS, TORCH_INDEX, Checkpoint, folder_files
 from .errors import MergeError
 from .shard_writer import OutputTensor, shard_filename, shard_header, shard_size, write_atomically
 
@@ -153,43 +155,63 @@ class AuxFiles:
     written: dict[str, bytes] = field(default_factory=dict)
 
 
-def aux_files(sources: Sequence[Checkpoint], out_dtype: torch.dtype | None = None) -> AuxFiles:
+def aux_files(
+    sources: Sequence[Checkpoint],
+    out_dtype: torch.dtype | None = None,
+    *,
+    tokenizer: Path | None = None,
+    edit_config: Callable[[dict], bool] | None = None,
+) -> AuxFiles:
     """Each aux file (config, tokenizer, ...) from the first source that has
-    that file: pass the base first. out_dtype: the output's dtype where it
-    differs from the inputs'; the copied config.json then says it. Reads only
-    config.json, and only then: a config that cannot carry it is refused now,
-    before anything is merged."""
+    that file: pass the base first. tokenizer: a folder whose tokenizer files
+    the output takes instead of the sources' (tokenizer_source). out_dtype:
+    the output's dtype where it differs from the inputs'; the copied
+    config.json then says it. edit_config: brings the parsed config.json to
+    the output (vocab_size, layers); returns whether it changed it. Reads
+    only config.json, and only then: a config that cannot carry the edits is
+    refused now, before anything is merged."""
     aux = AuxFiles()
     for ckpt in sources:
         for path in ckpt.aux_files():
-            aux.copies.setdefault(path.name, path)
+            if tokenizer is None or not _is_tokenizer_file(path.name):
+                aux.copies.setdefault(path.name, path)
+    if tokenizer is not None:
+        found = folder_files(tokenizer, TOKENIZER_PATTERNS)
+        if not found:
+            raise MergeError(f"tokenizer_source: {tokenizer}: holds no tokenizer files ({', '.join(TOKENIZER_PATTERNS)})")
+        aux.copies.update({path.name: path for path in found})
     config = aux.copies.get(CONFIG_FILE)
-    if out_dtype is not None and config is not None:
-        edited = _config_with_dtype(config, out_dtype)
+    if (out_dtype is not None or edit_config is not None) and config is not None:
+        edited = _edited_config(config, out_dtype, edit_config)
         if edited is not None:
             aux.written[CONFIG_FILE] = edited
             del aux.copies[CONFIG_FILE]
     return aux
 
 
-def _config_with_dtype(path: Path, dtype: torch.dtype) -> bytes | None:
+def _is_tokenizer_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_PATTERNS)
+
+
+def _edited_config(path: Path, dtype: torch.dtype | None, edit: Callable[[dict], bool] | None) -> bytes | None:
     """config.json with its dtype keys (top level and sub-configs) set to
-    dtype; None when it records no dtype or already says this one."""
-    name = str(dtype).removeprefix("torch.")
+    dtype and edit applied; None when nothing changes."""
+    what = f"the output dtype {str(dtype).removeprefix('torch.')}" if dtype is not None else "the output's shapes"
     try:
         config = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise MergeError(
-            f"{path}: cannot be read as JSON ({exc}), so the output dtype {name} cannot be written in it"
-        ) from None
+        raise MergeError(f"{path}: cannot be read as JSON ({exc}), so {what} cannot be written in it") from None
     if not isinstance(config, dict):
-        raise MergeError(
-            f"{path}: holds a JSON {type(config).__name__}, not an object, so the output dtype {name} cannot be written"
-        )
-    changed = _set_dtype(config, name)
-    for key, value in config.items():
-        if key.endswith("_config") and isinstance(value, dict):  # text_config, vision_config, ...
-            changed = _set_dtype(value, name) or changed
+        raise MergeError(f"{path}: holds a JSON {type(config).__name__}, not an object, so {what} cannot be written")
+    changed = False
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        changed = _set_dtype(config, name)
+        for key, value in config.items():
+            if key.endswith("_config") and isinstance(value, dict):  # text_config, vision_config, ...
+                changed = _set_dtype(value, name) or changed
+    if edit is not None:
+        changed = edit(config) or changed
     return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode() if changed else None
 
 

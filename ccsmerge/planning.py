@@ -24,6 +24,7 @@ from .numerics import compute_dtype
 from .shard_writer import OutputTensor, plan_shards
 from .sizes import format_size
 from .tensor_values import resolver
+from .vocab import is_vocab_tensor, vocab_mismatch
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def plan_tensor(
     out_dtype: torch.dtype | None,
     *,
     gpu_budget: int | None = None,
+    read_itemsize: int | None = None,
 ) -> TensorPlan:
     """One tensor's plan. budget: the host memory budget; gpu_budget: the GPU
     memory budget when the merge runs on a GPU (DEVICE_RESERVE of it is kept
@@ -146,13 +148,16 @@ def plan_tensor(
     merge's whatever the device (an upper bound for a GPU merge, which needs
     no workspace on the host), so the host decides the same on every device.
     The job (treatment, rank, rule) comes from the method's rule and is what
-    the executor runs; memory comes from the treatment's cost model."""
+    the executor runs; memory comes from the treatment's cost model.
+    read_itemsize: the host bytes an input element holds while it is read
+    (default the dtype's: a view of a memory-mapped file; more where the
+    reader casts or reorders it into a copy)."""
     job = decide(name, shape, dtype, cfg, T, out_dtype if dtype.is_floating_point else None)
     treatment = treatment_of(job)
     cost = treatment.cost
     floating = dtype.is_floating_point
     work = compute_dtype(dtype).itemsize if floating else dtype.itemsize
-    per_element = cost.host(T, has_base, dtype.itemsize, work, job.out_dtype.itemsize)
+    per_element = cost.host(T, has_base, read_itemsize or dtype.itemsize, work, job.out_dtype.itemsize)
     on_gpu = gpu_budget is not None
     device_per_element = cost.device(T, has_base, dtype.itemsize, work) if on_gpu else 0
     numel = math.prod(shape)
@@ -247,10 +252,23 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> list[
         for name in names:
             a, b = reference.tensors[name], ckpt.tensors[name]
             if a.shape != b.shape:
+                if is_vocab_tensor(name) and a.shape[1:] == b.shape[1:] and len(a.shape) > 0:
+                    raise MergeError(vocab_mismatch(name, str(reference.path), a.shape[0], label, b.shape[0]))
                 raise MergeError(f"{label}: tensor '{name}' has shape {b.shape}, {a.shape} in {reference.path}")
             if a.dtype != b.dtype:
-                raise MergeError(f"{label}: tensor '{name}' has dtype {b.dtype}, {a.dtype} in {reference.path}")
+                dtypes = "|".join(DTYPE_NAMES)
+                raise MergeError(
+                    f"{label}: tensor '{name}' has dtype {_short(b.dtype)}, {_short(a.dtype)} in {reference.path}: "
+                    f"the models were saved in different dtypes; --input-dtype {dtypes} casts every input to one"
+                )
     return names
+
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def make_plan(
@@ -277,10 +295,11 @@ def make_plan(
     tensors = []
     for name in names:
         info = models[0].tensors[name]
+        held = max(m.held_itemsize(name) for m in [*models, *([base] if base is not None else [])])
         tensors.append(
             plan_tensor(
                 name, info.shape, info.dtype, config_of(name), T, base is not None, budget, out_dtype,
-                gpu_budget=gpu_budget,
+                gpu_budget=gpu_budget, read_itemsize=held,
             )
         )
     reserved = 0

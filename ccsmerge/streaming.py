@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,6 +26,8 @@ from .devices import parse_device
 from .distributed import Coordinator, TorchDistributed, assign_shards
 from .errors import MergeError
 from .merge import full_precision_matmuls, make_config, resolve_device
+from .inputs import InputOptions, Inputs, InputView, open_inputs
+from .layers import check_layer_range
 from .output_folder import RECIPE_FILE, AuxFiles, OutputFolder, aux_files, output_path
 from .output_folder import partial_folder  # noqa: F401 (imported from here by callers and tests)
 from .pipeline import _stream
@@ -65,14 +67,38 @@ def planning_device(device: str) -> torch.device:
 class PreparedMerge:
     plan: MergePlan
     cfg: MergeConfig
-    models: list[Checkpoint]
-    base: Checkpoint | None
+    models: list[InputView]
+    base: InputView | None
     recipe: Recipe
+    input_options: InputOptions = field(default_factory=InputOptions)
+    inputs: Inputs | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
         recipe = self.recipe.model_dump(by_alias=True, exclude_none=True)
-        return {"format": "pt", "ccsmerge_recipe": json.dumps(recipe, sort_keys=True)}
+        found = {"format": "pt", "ccsmerge_recipe": json.dumps(recipe, sort_keys=True)}
+        if self.input_options.record():  # what changed the inputs: a resumed run must have the same
+            found["ccsmerge_inputs"] = json.dumps(self.input_options.record(), sort_keys=True)
+        return found
+
+    def aux_files(self) -> AuxFiles:
+        """The output's aux files: config and generation files from the base
+        (or the first model), the tokenizer's from tokenizer_source, and
+        config.json brought to the output's dtype, vocabulary and layers."""
+        sources = ([self.base] if self.base else []) + self.models
+        layer_range = self.input_options.layer_range
+        inputs = self.inputs
+
+        def edit(config: dict) -> bool:
+            return inputs.edit_config(config, layer_range)
+
+        edits = inputs is not None and (inputs.vocab_rows is not None or layer_range is not None)
+        return aux_files(
+            sources,
+            _output_dtype(self.plan, self.input_options.input_dtype),
+            tokenizer=inputs.tokenizer if inputs is not None else None,
+            edit_config=edit if edits else None,
+        )
 
 
 def prepare_merge(
@@ -84,20 +110,33 @@ def prepare_merge(
     max_gpu_memory: str | int | None = None,
     dtype: str | None = None,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    input_dtype: str | None = None,
+    tokenizer_source: str | None = None,
+    layer_range: tuple[int, int] | None = None,
+    allow_config_mismatch: bool = False,
     local_device=None,
     **options,
 ) -> PreparedMerge:
-    """Open the inputs (headers only), validate everything and plan the merge.
-    local_device maps the device option to this process's device (one GPU
-    per process in a distributed merge)."""
+    """Open the inputs (headers and config.json only), compare their
+    configs, validate everything and plan the merge (see merge_checkpoints
+    for the options). local_device maps the device option to this process's
+    device (one GPU per process in a distributed merge)."""
     if isinstance(models, (str, Path)) or len(models) < 2:
         count = 1 if isinstance(models, (str, Path)) else len(models)
         raise MergeError(f"merging needs at least 2 models, got {count}")
     cfg = make_config(method=method, **options)
     if cfg.spec.needs_base and base is None:
         raise MergeError(f"method '{cfg.method}' needs a base model (--base)")
-    if dtype is not None and dtype not in DTYPES:
-        raise MergeError(f"dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    for option, value in (("dtype", dtype), ("input_dtype", input_dtype)):
+        if value is not None and value not in DTYPES:
+            raise MergeError(f"{option}: '{value}' is not one of {', '.join(DTYPES)}")
+    if tokenizer_source is not None and (not isinstance(tokenizer_source, (str, Path)) or str(tokenizer_source) == ""):
+        raise MergeError(f"tokenizer_source: expected 'base' or a folder, got {tokenizer_source!r}")
+    input_options = InputOptions(
+        getattr(torch, input_dtype) if input_dtype else None,
+        str(tokenizer_source) if tokenizer_source is not None else None,
+        check_layer_range(layer_range) if layer_range is not None else None,
+    )
     budget = default_budget() if max_memory is None else _size("max_memory", max_memory)
     gpu_budget = None if max_gpu_memory is None else _size("max_gpu_memory", max_gpu_memory)
     device = planning_device(local_device(cfg.device) if local_device else cfg.device)
@@ -108,10 +147,11 @@ def prepare_merge(
     shard_bytes = _size("out_shard_size", out_shard_size)
     opened = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base is not None else None
+    inputs = open_inputs(opened, base_ckpt, input_options, allow_config_mismatch=allow_config_mismatch)
     out_dtype = getattr(torch, dtype) if dtype else None
-    plan = make_plan(opened, base_ckpt, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget)
+    plan = make_plan(inputs.models, inputs.base, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget)
     recipe = recipe_of(cfg, models, base, dtype)
-    return PreparedMerge(plan, cfg, opened, base_ckpt, recipe)
+    return PreparedMerge(plan, cfg, inputs.models, inputs.base, recipe, input_options, inputs)
 
 
 def _size(option: str, value: str | int) -> int:
@@ -136,6 +176,10 @@ def merge_checkpoints(
     max_gpu_memory: str | int | None = None,
     dtype: str | None = None,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    input_dtype: str | None = None,
+    tokenizer_source: str | None = None,
+    layer_range: tuple[int, int] | None = None,
+    allow_config_mismatch: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
@@ -151,7 +195,18 @@ def merge_checkpoints(
     ("2GB"; default half the available RAM); max_gpu_memory: the GPU memory
     budget of a merge on a GPU (default 80 % of the device's free memory;
     unused on the CPU); dtype: output dtype of floating tensors (default:
-    each input's); out_shard_size: "5GB". The output appears only when
+    the inputs', after input_dtype); out_shard_size: "5GB".
+
+    What is read can be changed first (ccsmerge.inputs): input_dtype
+    ("bfloat16", "float16", "float32") casts every floating input tensor
+    to it (inputs saved in different dtypes are refused without it);
+    tokenizer_source ("base" or a folder) gives the output that tokenizer
+    and cuts, pads or reorders every input's embedding and head rows to its
+    vocabulary as mergekit does (ccsmerge.vocab); layer_range (start, stop)
+    keeps layers start..stop-1, renumbered from 0 (ccsmerge.layers). The
+    inputs' config.json are compared first (ccsmerge.model_configs): a
+    different architecture or shape is refused unless
+    allow_config_mismatch. The output appears only when
     complete; an existing non-empty `out` is refused unless overwrite; resume
     continues an interrupted merge, if no input changed since (see
     ccsmerge.output_folder: also what is refused before anything is read,
@@ -171,7 +226,8 @@ def merge_checkpoints(
             base,
             dict(
                 max_memory=max_memory, max_gpu_memory=max_gpu_memory, dtype=dtype, out_shard_size=out_shard_size,
-                **options,
+                input_dtype=input_dtype, tokenizer_source=tokenizer_source, layer_range=layer_range,
+                allow_config_mismatch=allow_config_mismatch, **options,
             ),
             overwrite=overwrite,
             resume=resume,
@@ -192,7 +248,7 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
     sources = ([prepared.base] if prepared.base else []) + prepared.models
 
     def claim() -> tuple[set[int], AuxFiles]:  # on rank 0 only
-        aux = aux_files(sources, _output_dtype(prepared.plan))  # a config that cannot say the dtype: refused now
+        aux = prepared.aux_files()  # a config that cannot say the dtype: refused now
         folder.claim((RECIPE_FILE, dump_recipe(prepared.recipe).encode()), sources)
         done = folder.finished_shards(prepared.plan.shards, prepared.metadata) if folder.resumed else set()
         return done, aux
@@ -220,11 +276,12 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
     return out
 
 
-def _output_dtype(plan: MergePlan) -> torch.dtype | None:
+def _output_dtype(plan: MergePlan, input_dtype: torch.dtype | None = None) -> torch.dtype | None:
     """The one dtype the floating tensors are written in, where it is not the
-    inputs' (--dtype); None when the output keeps the inputs' dtypes."""
+    inputs' as saved (--dtype, --input-dtype); None when the output keeps
+    the inputs' dtypes."""
     floating = [t for t in plan.tensors if t.dtype.is_floating_point]
     dtypes = {t.out_dtype for t in floating}
-    if len(dtypes) == 1 and any(t.dtype != t.out_dtype for t in floating):
+    if len(dtypes) == 1 and (input_dtype is not None or any(t.dtype != t.out_dtype for t in floating)):
         return dtypes.pop()
     return None
