@@ -150,7 +150,8 @@ def prepare_merge(
     inputs = open_inputs(opened, base_ckpt, input_options, allow_config_mismatch=allow_config_mismatch)
     out_dtype = getattr(torch, dtype) if dtype else None
     plan = make_plan(inputs.models, inputs.base, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget)
-    recipe = recipe_of(cfg, models, base, dtype)
+    recipe = recipe_of(cfg, models, base, dtype, input_dtype=input_dtype, tokenizer_source=tokenizer_source,
+                       layer_range=layer_range)
     return PreparedMerge(plan, cfg, inputs.models, inputs.base, recipe, input_options, inputs)
 
 

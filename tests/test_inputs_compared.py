@@ -385,3 +385,33 @@ def test_the_flags_reach_the_merge(tmp_path, capsys):
     with pytest.warns(UserWarning, match="architectures"):
         assert main(plan) == 0
     assert "bfloat16" in capsys.readouterr().out
+
+
+def test_the_recorded_recipe_makes_the_same_merge_again(tmp_path):
+    """ccsmerge.yml records input_dtype, tokenizer_source and layer_range:
+    merging from it gives the same bytes, and it says what was asked."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    sds = [toy(0, dtype=torch.bfloat16), toy(1), toy(2)]
+    vocabs = [WORDS, WORDS + ["<a>"], WORDS]
+    for i, v in enumerate(vocabs):
+        if len(v) != 6:
+            sds[i] = {**sds[i], "embed_tokens.weight": torch.randn(len(v), 16), "lm_head.weight": torch.randn(len(v), 16)}
+    paths = [save(tmp_path / f"m{i}", sd, {**LLAMA, "vocab_size": len(v)}, v) for i, (sd, v) in enumerate(zip(sds, vocabs))]
+    first = tmp_path / "first"
+    ccsmerge.merge_checkpoints(paths, first, "cart", input_dtype="float32", tokenizer_source=str(paths[1]),
+                               layer_range=(1, 3), device="cpu", lam=1.5)
+    recorded = yaml.safe_load((first / "ccsmerge.yml").read_text())
+    assert recorded["dtype"] == "float32" and recorded["tokenizer_source"] == str(paths[1].resolve())
+    assert [s["layer_range"] for s in recorded["slices"][0]["sources"]] == [[1, 3]] * 3
+    again = tmp_path / "again"
+    result = subprocess.run([sys.executable, "-m", "ccsmerge", "merge", str(first / "ccsmerge.yml"), "--out", str(again),
+                             "--device", "cpu", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    a, b = load_output(first), load_output(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["embed_tokens.weight"].shape == (7, 16)
+    assert {k.split(".")[1] for k in a if k.startswith("layers.")} == {"0", "1"}
