@@ -186,11 +186,14 @@ def test_dtype_and_out_dtype_as_mergekit(llamas, tmp_path, dtypes):
     ours = run_ccsmerge(config, tmp_path / "ccsmerge")
     assert theirs.keys() == ours.keys()
     out_dtype = getattr(torch, dtypes.get("out_dtype", dtypes["dtype"]))
+    # the magnitudes of the terms (base and task vectors, cast as both tools cast them) per element
+    cast = [{k: v.to(getattr(torch, dtypes["dtype"])).float() for k, v in tensors(p).items()} for p in (base, *paths)]
+    inputs = {k: cast[0][k].abs() + sum((sd[k] - cast[0][k]).abs() for sd in cast[1:]) for k in cast[0]}
     for name in ours:
         assert ours[name].dtype == theirs[name].dtype == out_dtype, name
         if dtypes["dtype"] == "float32":  # both compute in float32 and round once
             assert torch.equal(ours[name], theirs[name]), name
-        else:  # mergekit rounds each step to bfloat16: within a few of its ulps of magnitude
-            scale = theirs[name].float().abs().clamp(min=torch.finfo(out_dtype).tiny)
+        else:  # mergekit rounds each step to bfloat16: within a few of its ulps of the terms' magnitude
+            scale = (inputs[name] + theirs[name].float().abs()).clamp(min=torch.finfo(out_dtype).tiny)
             ulps = (ours[name].float() - theirs[name].float()).abs() / (scale * torch.finfo(out_dtype).eps)
             assert float(ulps.max()) <= 4, (name, float(ulps.max()))
