@@ -19,20 +19,14 @@ mergekit = pytest.importorskip("mergekit")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tiny_llamas import tensors  # noqa: E402
 
 import ccsmerge  # noqa: E402
 
 VOCAB = 96
 ADDED = {"ft0": [f"<x{i}>" for i in range(8)], "ft1": [], "ft2": ["<x0>", "<x1>", "<y0>", "<y1>"]}
 LAYERS = 4
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
 
 
 def tokenizer(added: list[str]):

@@ -25,41 +25,18 @@ import yaml
 mergekit = pytest.importorskip("mergekit")
 transformers = pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
+from tiny_llamas import llama_family, tensors  # noqa: E402
 
 from ccsmerge.cli import main  # noqa: E402
 
 LAYERS = 3
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory) -> tuple[Path, list[Path]]:
     """A tiny Llama and three fine-tunes of it, saved by transformers (float32)."""
-    root = tmp_path_factory.mktemp("llamas")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config)
-    base.save_pretrained(root / "base")
-    paths = []
-    for t in range(3):
-        tuned = transformers.LlamaForCausalLM(config)
-        tuned.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in tuned.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        tuned.save_pretrained(root / f"ft{t}")
-        paths.append(root / f"ft{t}")
-    return root / "base", paths
+    return llama_family(tmp_path_factory.mktemp("llamas"), vocab_size=64, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=LAYERS)
 
 
 def run_mergekit(config: dict, out: Path) -> dict[str, torch.Tensor]:
