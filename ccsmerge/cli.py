@@ -20,7 +20,7 @@ from .cli_parser import CcsmergeParser, exit_quietly_on_broken_pipe
 from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS
 from .errors import MergeError, Terminated
 from .methods import REGISTRY
-from .planning import DEVICE_RESERVE
+from .planning import DEVICE_RESERVE, averaging_tensors, averaging_warning
 from .recipe import DTYPES, Recipe, load_recipe, recipe_arguments
 from .sizes import format_size
 
@@ -238,6 +238,13 @@ def merge_arguments(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+PATH_WORDS = {
+    "factors": "from LoRA factors (exact)",
+    "base": "copied from the base (no adapter changes them)",
+    "dense": "dense (the task vectors formed)",
+}
+
+
 def input_flags(args: argparse.Namespace) -> dict:
     """The flags that change what is read of the inputs, where given (they win over a recipe)."""
     given = {
@@ -250,6 +257,7 @@ def input_flags(args: argparse.Namespace) -> dict:
 
 def print_plan(plan) -> None:
     on_gpu = plan.gpu_budget is not None
+    adapted = any(t.path != "dense" for t in plan.tensors)
     rows = []
     for t in plan.tensors:
         how = "whole" if t.block_rows is None else f"{t.block_rows}-row blocks, {t.passes} passes"
@@ -258,8 +266,11 @@ def print_plan(plan) -> None:
             dtype += "->" + str(t.out_dtype).replace("torch.", "")
         policy = f"{t.policy} k={t.rank}" if t.policy.endswith("low-rank") else t.policy
         row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, t.rule, how, format_size(t.memory))
+        if adapted:
+            row = row[:4] + (t.path if t.update_rank is None else f"{t.path} R={t.update_rank}",) + row[4:]
         rows.append(row + ((format_size(t.device_memory or 0),) if on_gpu else ()))
-    header = ("tensor", "shape", "dtype", "policy", "decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())
+    header = ("tensor", "shape", "dtype", "policy") + (("path",) if adapted else ())
+    header += ("decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -268,6 +279,12 @@ def print_plan(plan) -> None:
     print()
     print(f"{len(plan.tensors)} tensors: " + ", ".join(f"{n} {p}" for p, n in sorted(policies.items())))
     print(f"{plan.models} models{' and a base' if plan.has_base else ''}; {blocked} tensors merged in row blocks")
+    if adapted:
+        paths = Counter(t.path for t in plan.tensors)
+        print("inputs read: " + ", ".join(f"{n} {PATH_WORDS[p]}" for p, n in sorted(paths.items())))
+    averaged = averaging_tensors(plan)
+    if averaged:
+        print(averaging_warning(averaged))
     print(f"estimated peak memory {format_size(plan.peak_memory)} (budget {format_size(plan.budget)})")
     if on_gpu:
         print(

@@ -12,6 +12,7 @@ merge, with identical bytes (the merge is deterministic)."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from .layers import check_layer_range
 from .output_folder import RECIPE_FILE, AuxFiles, OutputFolder, aux_files, output_path
 from .output_folder import partial_folder  # noqa: F401 (imported from here by callers and tests)
 from .pipeline import _stream
-from .planning import GPU_BUDGET_FRACTION, MergePlan, make_plan
+from .planning import GPU_BUDGET_FRACTION, MergePlan, averaging_tensors, averaging_warning, make_plan
 from .recipe import DTYPES, Recipe, dump_recipe, recipe_of
 from .shard_writer import write_index
 from .sizes import parse_size
@@ -251,6 +252,9 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
         lambda: prepare_merge(models, method, base, local_device=coordinator.local_device, **options)
     )[coordinator.rank]
     sources = ([prepared.base] if prepared.base else []) + prepared.models
+    averaged = averaging_tensors(prepared.plan)
+    if averaged and coordinator.rank == 0:
+        warnings.warn(averaging_warning(averaged).removeprefix("warning: "), stacklevel=3)
 
     def claim() -> tuple[set[int], AuxFiles]:  # on rank 0 only
         aux = prepared.aux_files()  # a config that cannot say the dtype: refused now
