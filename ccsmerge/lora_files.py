@@ -185,9 +185,11 @@ def randomized_truncation(
         device = update.device if device is None else torch.device(device)
         whole = update.to(device=device, dtype=dtype)
         rows = lambda start, stop: whole[start:stop]  # noqa: E731
-        blocks = row_blocks(shape[0], max(1, 2**22 // max(shape[1], 1)))  # 16 MB residuals in the error pass
+        blocks = [(0, shape[0])]
     m, n = shape
     blocks = list(blocks)
+    # The error pass over a matrix held whole: 16 MB of residual rows at a time.
+    error_blocks = row_blocks(m, max(1, 2**22 // max(n, 1))) if blocks == [(0, m)] else blocks
     if rank < 1:
         raise ValueError(f"randomized_truncation: rank must be >= 1, got {rank}")
     if rank >= min(m, n):
@@ -207,7 +209,7 @@ def randomized_truncation(
         b, a = _balanced(u[0], s[0], vh[0])
     if store_dtype is not None:
         b, a = b.to(store_dtype), a.to(store_dtype)
-    return b, a, residual_error(rows, blocks, b, a, dtype)
+    return b, a, residual_error(rows, error_blocks, b, a, dtype)
 
 
 def _identity_factors(rows, blocks, m, n, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,8 +356,8 @@ class AdapterWriter:
             except OSError:
                 pass
             self._spill = None
-        if self._claimed and not self._finished:
-            self.folder.discard()
+        if self._claimed:
+            self.folder.discard()  # a published folder stays: only its lock goes
         self._claimed = False
 
     # --- tensors
