@@ -266,10 +266,10 @@ class _Pair:
 def _extract_matrix(writer, pair: _Pair, rank, budget, embedding, *, oversample, power_iters, seed) -> bool:
     """Factor one differing matrix into the writer; False when it is identical."""
     m, n = pair.shape
-    width = sketch_width(min(rank, m, n), oversample, m, n)
-    fixed = _FACTOR_COPIES * (m + n) * width * 4
-    if rank >= min(m, n):
-        fixed += m * n * 4  # the update itself is a factor
+    if rank >= min(m, n):  # the update itself is a factor, the other one an identity
+        fixed = (m * n + min(m, n) ** 2) * 4
+    else:
+        fixed = _FACTOR_COPIES * (m + n) * sketch_width(rank, oversample, m, n) * 4
     whole_cost = m * n * (pair.read_bytes_per_element + 4) + min(_RESIDUAL_BYTES, m * n * 4) + fixed
     if whole_cost <= budget:
         update = pair.update_rows(0, m)
