@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out-shard-size", default="5GB", metavar="SIZE")
     export.add_argument("--overwrite", action="store_true")
     export.add_argument("--debug", action="store_true", help="show tracebacks")
+    _extract_lora_parser(commands)
     search = commands.add_parser("search", help="score a grid of merge settings with your evaluation function")
     search.add_argument("--method", choices=METHODS, default="cart")
     search.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per model")
@@ -174,6 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_arguments(demo)
     return parser
+
+
+def _extract_lora_parser(commands) -> None:
+    extract = commands.add_parser("extract-lora", help="write a PEFT LoRA adapter of a fine-tune's update over its base")
+    extract.add_argument("--base", required=True, metavar="PATH", help="the base model the adapter applies to")
+    extract.add_argument("--model", required=True, metavar="PATH", help="the fine-tuned model")
+    extract.add_argument("--rank", required=True, type=int, help="the LoRA rank of every module")
+    extract.add_argument("--out", required=True, metavar="DIR", help="the adapter folder")
+    extract.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
+    extract.add_argument("--seed", type=int, default=0, help="the randomized engine's seed (default 0)")
+    extract.add_argument("--oversample", type=int, default=10, help="sketch columns beyond the rank (default 10)")
+    extract.add_argument("--power-iters", type=int, default=2, help="power iterations (default 2)")
+    extract.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                         help="the adapter's dtype (default: the model's)")
+    extract.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    extract.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                         help="tensors saved whole (modules_to_save) instead of factored; repeatable")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    extract.add_argument("--quiet", action="store_true", help="no per-tensor lines")
+    extract.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run_extract_lora(args: argparse.Namespace) -> None:
+    from .extract_lora import extract_lora
+
+    result = extract_lora(
+        args.base, args.model, args.out, args.rank, max_memory=args.max_memory, seed=args.seed,
+        oversample=args.oversample, power_iters=args.power_iters, dtype=args.dtype, device=args.device,
+        overwrite=args.overwrite, exclude=args.exclude, progress=not args.quiet,
+    )
+    print(result.summary())
+    sys.stdout.flush()
 
 
 def _floats(text: str) -> list[float]:
@@ -315,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "search":
             run_search(args)
+            return 0
+        if args.command == "extract-lora":
+            run_extract_lora(args)
             return 0
         if args.command == "demo":
             from .demo.run import run_from_arguments
