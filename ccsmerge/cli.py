@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--no-overlap", dest="overlap", action="store_false", help="read, merge and write in turn (for measurements)"
     )
+    merge.add_argument(
+        "--output-format", choices=("safetensors", "lora"), default="safetensors",
+        help="safetensors: the merged model (default); lora: a PEFT adapter of the merged update over --base",
+    )
+    merge.add_argument(
+        "--lora-rank", type=int, metavar="R",
+        help="with --output-format lora: truncate each module's update to rank R (default: exact, "
+        "the update's own rank; required where the update is dense)",
+    )
     plan = commands.add_parser("plan", help="show what a merge would do, without merging")
     _inputs(plan)
     index = commands.add_parser("index", help="CART-indexing: store theta_avg and every task's low-rank update")
@@ -393,10 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             overlap=args.overlap,
             distributed=args.distributed,
+            output_format=args.output_format,
+            lora_rank=args.lora_rank,
             **kwargs,
         )
         if not args.quiet:
-            print(f"merged into {out}", file=sys.stderr)
+            print(f"merged into {out}" + (" (a LoRA adapter)" if args.output_format == "lora" else ""), file=sys.stderr)
         return 0
     except KeyboardInterrupt as exc:
         print(f"ccsmerge: {exc or 'interrupted'}", file=sys.stderr)
