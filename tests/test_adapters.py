@@ -335,3 +335,71 @@ def test_a_zero_update_adapter_merges_as_the_base(tmp_path):
     name = "model.layers.0.attn.q_proj.weight"
     ref = ref_tsv_m(base[name].to(F64), [base[name].to(F64), dense[1][name], dense[2][name]], 1.0, HIDDEN // 3)
     assert float((merged[name].to(F64) - ref).norm()) <= 1e-5 * float((ref - base[name].to(F64)).norm())
+
+
+def apply_adapter(folder: Path, base: dict) -> dict:
+    """The model a LoRA output makes of the base, in float64, read the way PEFT reads it."""
+    from safetensors.torch import load_file
+
+    from ccsmerge.lora_files import module_scaling
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    model = {k: v.to(F64).clone() for k, v in base.items()}
+    for key, value in tensors.items():
+        inner = key.removeprefix(PREFIX)
+        if inner.endswith(".lora_A.weight"):
+            module = inner.removesuffix(".lora_A.weight")
+            b = tensors[f"{PREFIX}{module}.lora_B.weight"].to(F64)
+            model[module + ".weight"] += module_scaling(config, module) * b @ value.to(F64)
+        elif inner.endswith(".lora_embedding_A"):
+            module = inner.removesuffix(".lora_embedding_A")
+            b = tensors[f"{PREFIX}{module}.lora_embedding_B"].to(F64)
+            model[module + ".weight"] += module_scaling(config, module) * (b @ value.to(F64)).T
+        elif "lora_" not in inner:
+            model[inner] = value.to(F64)
+    return model
+
+
+@pytest.mark.parametrize("method,options", [("cart", {}), ("tsv_m", {}), ("task_arithmetic", {"lam": 1.0})])
+def test_lora_output_is_the_merged_update_exactly(lora_set, tmp_path, method, options):
+    _, base_path, paths, w0s, _ = lora_set
+    dense = load_output(ccsmerge.merge_checkpoints(paths, tmp_path / "dense", method, base=base_path, **options))
+    out = ccsmerge.merge_checkpoints(paths, tmp_path / "lora", method, base=base_path, output_format="lora", **options)
+    applied = apply_adapter(out, w0s)
+    report = json.loads((out / "ccsmerge-lora.json").read_text())
+    assert report["worst_relative_error"] == 0.0
+    assert set(report["modules_to_save"]) == {"lm_head"}  # a full tensor in an input: saved whole
+    assert "model.layers.0.conv" not in report["modules"]  # no input changes it: left out
+    for name, value in dense.items():
+        assert torch.allclose(applied[name], value.to(F64), rtol=0, atol=2e-6), name
+
+
+def test_truncated_lora_output_reports_its_error(lora_set, tmp_path):
+    _, base_path, paths, w0s, _ = lora_set
+    dense = load_output(ccsmerge.merge_checkpoints(paths, tmp_path / "dense", "cart", base=base_path, rank=3))
+    out = ccsmerge.merge_checkpoints(paths, tmp_path / "lora", "cart", base=base_path, rank=3,
+                                     output_format="lora", lora_rank=2)
+    applied = apply_adapter(out, w0s)
+    report = json.loads((out / "ccsmerge-lora.json").read_text())
+    for entry in report["modules"].values():
+        name = entry["tensor"]
+        update = dense[name].to(F64) - w0s[name]
+        error = float((applied[name] - dense[name].to(F64)).norm() / update.norm())
+        # The reported error is the optimal rank-2 error of the exact update (its SVD from the factors).
+        optimal = float(torch.linalg.svd(update).S[2:].square().sum().sqrt() / update.norm())
+        assert entry["rank"] <= 2
+        assert abs(entry["relative_error"] - optimal) <= 1e-5 and abs(error - optimal) <= 1e-5, name
+
+
+def test_lora_output_refusals(lora_set, tmp_path):
+    _, base_path, paths, _, _ = lora_set
+    with pytest.raises(MergeError, match="give lora_rank"):
+        ccsmerge.merge_checkpoints(paths, tmp_path / "out", "ties", base=base_path, output_format="lora")
+    with pytest.raises(MergeError, match="lora_rank: applies to output_format='lora' only"):
+        ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, lora_rank=4)
+    with pytest.raises(MergeError, match="output_format: 'gguf' is not one of"):
+        ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, output_format="gguf")
+    with pytest.raises(MergeError, match="resume: not supported with output_format='lora'"):
+        ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, output_format="lora", resume=True)
+    assert not (tmp_path / "out").exists()
