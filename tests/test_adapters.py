@@ -427,3 +427,26 @@ def test_fan_in_fan_out_adapters_update_the_transposed_weight(tmp_path):
     with pytest.raises(MergeError, match="at least one LoRA module"):
         ccsmerge.merge_checkpoints(paths, tmp_path / "lora", "average", base=base_path, output_format="lora")
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_saved_base_layer_counts_only_where_it_differs(tmp_path, changed):
+    """PEFT saves an adapted embedding's base layer whole: equal to the base's, the
+    module merges from its factors; different, it replaces the base's tensor."""
+    from safetensors.torch import load_file
+
+    base = base_state()
+    base_path = write_checkpoint(base, tmp_path / "base")
+    paths, dense = write_adapters(tmp_path, base)
+    name = "model.embed_tokens.weight"
+    file = paths[1] / "adapter_model.safetensors"
+    tensors = load_file(file)
+    layer = base[name] + (0.01 if changed else 0.0)
+    tensors[f"{PREFIX}model.embed_tokens.base_layer.weight"] = layer
+    save_file(tensors, file)
+    plan = {t.name: t for t in plan_checkpoints(paths, "average", base_path).tensors}
+    assert plan[name].path == ("dense" if changed else "factors")
+    merged = load_output(ccsmerge.merge_checkpoints(paths, tmp_path / "out", "average", base=base_path))
+    theta1 = dense[1][name] + (layer.to(F64) - base[name].to(F64))
+    ref = (dense[0][name] + theta1 + dense[2][name]) / 3
+    assert torch.allclose(merged[name].to(F64), ref, rtol=0, atol=2e-6)
