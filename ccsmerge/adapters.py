@@ -73,6 +73,7 @@ class Factor:
     rank: int
     scale: float
     transposed: bool  # embeddings and fan_in_fan_out: delta = s * (B @ A)^T
+    embedding: bool = False  # lora_embedding_A / lora_embedding_B (an nn.Embedding)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -182,7 +183,7 @@ class LoraAdapter:
                 )
             alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", rank))
             scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-            self.factors[module + ".weight"] = Factor(a, b, rank, float(scale), embedding or fan_in_fan_out)
+            self.factors[module + ".weight"] = Factor(a, b, rank, float(scale), embedding or fan_in_fan_out, embedding)
 
     def update_shape(self, name: str) -> tuple[int, int]:
         f = self.factors[name]
