@@ -60,9 +60,9 @@ RESERVED_NAMES = ("__metadata__",)
 ADAPTER_CONFIG = "adapter_config.json"
 _LORA_FACTOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
 _ADAPTER_ADVICE = (
-    "ccsmerge merges full models, and adapters are not supported as inputs yet: merge each adapter into "
-    "its base first (with peft: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
-    "save_pretrained) and merge those folders"
+    "an adapter is merged as a model by `ccsmerge merge` (give the adapter folder as --model and the model "
+    "it adapts as --base); elsewhere merge it into its base first (with peft: "
+    "PeftModel.from_pretrained(base, adapter).merge_and_unload(), then save_pretrained)"
 )
 # A Hugging Face Hub id: "org/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -108,7 +108,7 @@ class TensorInfo:
 class Checkpoint:
     """One model on disk: `tensors` maps names (in file order) to TensorInfo."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, lora_factors: bool = False):
         self.path = Path(path)
         self.folder, files, weight_map = _resolve(self.path)
         self.files = files
@@ -125,7 +125,7 @@ class Checkpoint:
             for name, info in infos.items():
                 if name in self.tensors:
                     raise MergeError(f"{file}: tensor '{name}' is also in {self.tensors[name].file}")
-                _check_mergeable(info)
+                _check_mergeable(info, lora_factors)
                 self.tensors[name] = info
         if not self.tensors:
             where = files[0] if len(files) == 1 else self.path
@@ -240,12 +240,13 @@ def _one_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _check_mergeable(info: TensorInfo) -> None:
-    """Refuse tensors that a merge would get wrong, by file and name."""
+def _check_mergeable(info: TensorInfo, lora_factors: bool = False) -> None:
+    """Refuse tensors that a merge would get wrong, by file and name
+    (LoRA factors are refused unless read as an adapter's, lora_factors)."""
     where = f"{info.file}: tensor '{info.name}'"
     if info.name in RESERVED_NAMES:
         raise MergeError(f"{where}: the name is reserved by the safetensors format (for a file's metadata); rename it")
-    if _LORA_FACTOR.search(info.name):
+    if _LORA_FACTOR.search(info.name) and not lora_factors:
         raise MergeError(f"{where} is a LoRA factor: this is a PEFT adapter, not a model; {_ADAPTER_ADVICE}")
     if info.dtype in FP8_DTYPES:
         raise MergeError(

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import kernels
+from .errors import MergeError
 from .methods import TensorJob, treatment_of
 from .methods.spec import RowSource
 from .numerics import all_finite, check_finite, compute_dtype, row_blocks
@@ -64,4 +66,42 @@ def merge_rows(job: TensorJob, source: RowSource, block_rows: int, device: torch
                 return max(float(b.abs().max()) for b in blocks)
 
             check_finite(job.name, block, xs, base, largest=largest)
+        yield block.cpu()
+
+
+def merge_adapted(
+    job: TensorJob,
+    path: str,
+    deltas: list,
+    base_rows,
+    spans: list[tuple[int, int]],
+    device: torch.device,
+    allow_nonfinite: bool = False,
+) -> Iterator[torch.Tensor]:
+    """The row blocks of a tensor merged from LoRA factors (path "factors":
+    deltas holds each model's (left, right) or None) or copied from the base
+    (path "base": no input changes it), in job.out_dtype, on the CPU.
+    base_rows(start, stop) gives the base's rows on the CPU."""
+    if path == "base":
+        for start, stop in spans:
+            yield base_rows(start, stop).to(job.out_dtype)
+        return
+    for i, delta in enumerate(deltas):
+        if delta is not None and not allow_nonfinite and not (all_finite(delta[0]) and all_finite(delta[1])):
+            raise MergeError(f"tensor '{job.name}': model {i} has NaN or Inf in its LoRA factors")
+    on_device = [None if d is None else (d[0].to(device), d[1].to(device)) for d in deltas]
+    left, right, base_scale = treatment_of(job).factored(job, on_device)
+    work = compute_dtype(job.dtype)
+    left, right = left.to(work), right.to(work).contiguous()
+    for start, stop in spans:
+        w0 = base_rows(start, stop).to(device=device, dtype=work)
+        if base_scale != 1.0:
+            w0 = w0 * base_scale
+        if left.shape[1] == 0:
+            block = w0.to(job.out_dtype)
+        else:
+            block = kernels.lowrank_update(w0, left[start:stop].contiguous(), right, 1.0, job.out_dtype)
+        if not allow_nonfinite and not all_finite(block):
+            check_finite(job.name, block, [], w0, largest=lambda: float(
+                (w0 + left[start:stop] @ right).abs().max()))
         yield block.cpu()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import AdapterView, LoraAdapter
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import MergeError
 from .layers import count_layers, edit_config_layers, select_layers
@@ -58,8 +59,10 @@ class InputView:
         index: int,
         names: dict[str, str] | None = None,
         dtype: torch.dtype | None = None,
+        casts: dict[str, torch.dtype] | None = None,
     ):
         self.ckpt = ckpt
+        self.casts = casts or {}  # merged name -> the dtype it is read in (tensors an adapter changes)
         self.index = index
         self.names = names if names is not None else {n: n for n in ckpt.tensors}  # merged name -> name in the file
         self.dtype = dtype
@@ -68,7 +71,7 @@ class InputView:
         self.tensors: dict[str, TensorInfo] = {}
         for name, source in self.names.items():
             info = ckpt.tensors[source]
-            self.tensors[name] = TensorInfo(name, info.shape, self._dtype_of(info.dtype), info.file)
+            self.tensors[name] = TensorInfo(name, info.shape, self._dtype_for(name, info.dtype), info.file)
 
     def __repr__(self) -> str:
         return f"InputView({self.ckpt!r})"
@@ -91,6 +94,9 @@ class InputView:
     def _dtype_of(self, dtype: torch.dtype) -> torch.dtype:
         return self.dtype if self.dtype is not None and dtype.is_floating_point else dtype
 
+    def _dtype_for(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        return self.casts[name] if name in self.casts and dtype.is_floating_point else self._dtype_of(dtype)
+
     def aligned(self, name: str) -> bool:
         return self.alignment is not None and is_vocab_tensor(name)
 
@@ -105,7 +111,7 @@ class InputView:
 
     def _copies(self, name: str) -> bool:
         source = self.ckpt.tensors[self.names[name]]
-        if self._dtype_of(source.dtype) != source.dtype:
+        if self._dtype_for(name, source.dtype) != source.dtype:
             return True
         return self.aligned(name) and not self.alignment.passes_through(self.index, source.shape[0])
 
@@ -120,7 +126,9 @@ class InputView:
 
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)
-        return self.read_rows(name, 0, info.shape[0]) if info.shape else self._cast(self.ckpt.read(self.names[name]))
+        if not info.shape:
+            return self._cast(self.ckpt.read(self.names[name]), name)
+        return self.read_rows(name, 0, info.shape[0])
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows start:stop (along dim 0) of a tensor with at least one dimension."""
@@ -128,8 +136,8 @@ class InputView:
         source = self.names[name]
         if not self.aligned(name) or self.alignment.passes_through(self.index, self.ckpt.tensors[source].shape[0]):
             if start == 0 and stop == info.shape[0]:
-                return self._cast(self.ckpt.read(source))
-            return self._cast(self.ckpt.read_rows(source, start, stop))
+                return self._cast(self.ckpt.read(source), name)
+            return self._cast(self.ckpt.read_rows(source, start, stop), name)
         like = torch.empty((0, *info.shape[1:]), dtype=info.dtype)
         return self.alignment.read_rows(self.index, source, start, stop, self._peer_rows, like)
 
@@ -137,16 +145,19 @@ class InputView:
         peer = self.peers[j]
         return peer._cast(peer.ckpt.read_rows(source, start, stop))
 
-    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self._dtype_of(tensor.dtype))
+    def _cast(self, tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        return tensor.to(self._dtype_for(name, tensor.dtype) if name is not None else self._dtype_of(tensor.dtype))
 
 
 @dataclass
 class Inputs:
     """The views of a merge's inputs, and what the output's files need from them."""
 
-    models: list[InputView]
+    models: list[InputView | AdapterView]
     base: InputView | None
+    # Where an adapter changes a tensor, every input reads it in the compute dtype;
+    # the output keeps the base's dtype there unless told otherwise.
+    out_dtypes: dict[str, torch.dtype] | None = None
     tokenizer: Path | None = None  # the folder whose tokenizer files the output takes
     vocab_rows: int | None = None  # the output's vocabulary size, where tokenizer_source sets it
     layers_before: int | None = None
@@ -162,14 +173,17 @@ class Inputs:
 
 
 def open_inputs(
-    models: Sequence[Checkpoint],
+    models: Sequence[Checkpoint | LoraAdapter],
     base: Checkpoint | None,
     options: InputOptions,
     *,
     allow_config_mismatch: bool = False,
 ) -> Inputs:
     """Compare the inputs' configs (before any weight is read), then view
-    every input through the options."""
+    every input through the options. LoRA adapters are viewed as the models
+    they make of the base."""
+    if any(isinstance(m, LoraAdapter) for m in models):
+        return _open_with_adapters(models, base, options, allow_config_mismatch)
     sources = [*models, *([base] if base is not None else [])]
     labels = [str(c.path) for c in models] + ([f"{base.path} (base)"] if base is not None else [])
     configs = [read_config(c.folder) for c in sources]
@@ -200,3 +214,32 @@ def open_inputs(
         inputs.tokenizer = folder
         inputs.vocab_rows = alignment.rows
     return inputs
+
+
+def _open_with_adapters(models, base, options: InputOptions, allow_config_mismatch: bool) -> Inputs:
+    from .numerics import compute_dtype
+
+    first = next(m for m in models if isinstance(m, LoraAdapter))
+    if base is None:
+        raise MergeError(
+            f"{first.path}: a LoRA adapter is merged as the model it makes of its base: give the base model (--base)"
+        )
+    for option, value in (("layer_range", options.layer_range), ("tokenizer_source", options.tokenizer_source)):
+        if value is not None:
+            raise MergeError(f"{option}: not supported when the inputs include LoRA adapters ({first.path})")
+    full = [m for m in models if not isinstance(m, LoraAdapter)]
+    labels = [str(c.path) for c in full] + [f"{base.path} (base)"]
+    compare_configs(list(zip(labels, [read_config(c.folder) for c in [*full, base]])), allow=allow_config_mismatch)
+    for adapter in models:
+        if isinstance(adapter, LoraAdapter):
+            adapter.check_against(base)
+    changed = set().union(*(m.names for m in models if isinstance(m, LoraAdapter)))
+    stored = {name: base.tensors[name].dtype for name in changed}
+    read_as = {name: options.input_dtype or dtype for name, dtype in stored.items() if dtype.is_floating_point}
+    casts = {name: compute_dtype(dtype) for name, dtype in read_as.items()}
+    base_view = InputView(base, len(models), None, options.input_dtype, casts)
+    views = [
+        AdapterView(m, i, base_view) if isinstance(m, LoraAdapter) else InputView(m, i, None, options.input_dtype, casts)
+        for i, m in enumerate(models)
+    ]
+    return Inputs(views, base_view, out_dtypes=read_as)

@@ -24,7 +24,8 @@ import psutil
 import torch
 
 from .errors import MergeError, MergeInterrupted, Terminated
-from .execute import merge_rows, merge_whole
+from .execute import merge_adapted, merge_rows, merge_whole
+from .numerics import row_blocks
 from .planning import DEVICE_RESERVE, TensorPlan
 from .shard_writer import ShardWriter, shard_filename
 from .staging import Staged, Staging, make_staging
@@ -122,7 +123,7 @@ class _Pipeline:
                 held = self.budget.acquire(self.budget.total if whole_budget else t.memory)
                 held_gpu = self.gpu.acquire(self.gpu.total if whole_budget else (t.device_memory or 0))
                 staged = None
-                if t.block_rows is None:
+                if t.block_rows is None and t.path == "dense":
                     xs = [m.read(t.name) for m in self.p.models]
                     base = self.p.base.read(t.name) if self.p.base else None
                     staged = self.staging.stage(xs, base)
@@ -168,6 +169,18 @@ class _Pipeline:
     def _merge(self, t: TensorPlan, staged: Staged | None, held: tuple[int, int]) -> None:
         models, base = self.p.models, self.p.base
         held, held_gpu = held
+        if t.path != "dense":  # LoRA factors and the base's rows, read here
+            deltas = [m.factors(t.name) for m in models] if t.path == "factors" else []
+            spans = row_blocks(t.shape[0], t.block_rows or t.shape[0]) if t.shape else [(0, 1)]
+
+            def base_rows(start: int, stop: int):
+                return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
+
+            for chunk in merge_adapted(t.job, t.path, deltas, base_rows, spans, self.device, t.job.cfg.allow_nonfinite):
+                self.put(self.to_write, (t.name, chunk, 0))
+            self.gpu.release(held_gpu)
+            self.put(self.to_write, (None, None, held))
+            return
         if t.block_rows is None:
             xs, base_tensor = self.staging.use(staged)
             # Computed on the device, brought back to the host (which waits

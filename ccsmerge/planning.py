@@ -9,12 +9,14 @@ Planning needs no GPU: a CUDA merge can be planned on any machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
 
 import torch
 
+from .adapters import AdapterView
 from .checkpoint import Checkpoint
 from .config import MergeConfig
 from .errors import MergeError
@@ -34,6 +36,11 @@ class TensorPlan:
     block_rows: int | None  # None: merged whole; else rows per block
     passes: int  # how many times the inputs are read
     device_memory: int | None = None  # estimated peak GPU bytes (None: merged on the CPU)
+    # How the inputs are read: "dense" (every input's tensor); with LoRA adapters also
+    # "factors" (the adapters' factors and the base: exact and O((m + n) R^2)) and
+    # "base" (no input changes it: the base's tensor).
+    path: str = "dense"
+    update_rank: int | None = None  # "factors": R, the sum of the adapters' ranks on it
 
     @property
     def name(self) -> str:
@@ -280,10 +287,12 @@ def make_plan(
     shard_bytes: int,
     *,
     gpu_budget: int | None = None,
+    out_dtypes: dict[str, torch.dtype] | None = None,
 ) -> MergePlan:
     """The plan of a merge on the CPU, or on a GPU when gpu_budget is given
     (then the pinned staging buffers take what the host budget leaves beside
-    the neediest tensor)."""
+    the neediest tensor). out_dtypes: per-tensor output dtypes where out_dtype
+    is None (the base's dtype where an adapter's change is read in the compute dtype)."""
     names = check_compatible(models, base)
     if gpu_budget is not None and gpu_budget <= DEVICE_RESERVE:
         raise MergeError(
@@ -292,20 +301,81 @@ def make_plan(
         )
     T = len(models)
     config_of = resolver(cfg, names, T)  # per-tensor and per-model values, resolved once
+    adapted = any(isinstance(m, AdapterView) for m in models)
     tensors = []
     for name in names:
         info = models[0].tensors[name]
         held = max(m.held_itemsize(name) for m in [*models, *([base] if base is not None else [])])
-        tensors.append(
-            plan_tensor(
-                name, info.shape, info.dtype, config_of(name), T, base is not None, budget, out_dtype,
-                gpu_budget=gpu_budget, read_itemsize=held,
-            )
+        tensor_out = out_dtype if out_dtype is not None else (out_dtypes or {}).get(name)
+        dense = plan_tensor(
+            name, info.shape, info.dtype, config_of(name), T, base is not None, budget, tensor_out,
+            gpu_budget=gpu_budget, read_itemsize=held,
         )
+        tensors.append(plan_adapted(dense, models, base, budget) if adapted else dense)
     reserved = 0
     if gpu_budget is not None:
         reserved = staging_bytes(budget, budget - max((t.memory for t in tensors), default=0))
-    per_pass = {t.name: (T + (base is not None)) * models[0].tensors[t.name].nbytes for t in tensors}
+    per_pass = {t.name: _read_bytes(t, models, base) for t in tensors}
     shards = plan_shards([t.output for t in tensors], shard_bytes)
     device = "cpu" if gpu_budget is None else "cuda"
     return MergePlan(tensors, shards, budget, T, base is not None, per_pass, device, gpu_budget, reserved)
+
+
+def adapted_path(name: str, job: TensorJob, models) -> str:
+    """"factors" where every input is an adapter that leaves the tensor alone or
+    changes it by factors only and the method has a factored form, "base"
+    where none changes it (and equal inputs merge to the base), else "dense"."""
+    if not all(isinstance(m, AdapterView) for m in models):
+        return "dense"
+    kinds = {m.kind(name) for m in models}
+    treatment = treatment_of(job)
+    if kinds == {None}:
+        return "base" if job.treatment == "copied" or treatment.keeps_equal(job.cfg) else "dense"
+    if "full" in kinds or len(job.shape) != 2 or treatment.factored is None:
+        return "dense"
+    return "factors"
+
+
+def plan_adapted(dense: TensorPlan, models, base, budget: int) -> TensorPlan:
+    """A tensor's plan in a merge with adapters: the dense plan where the
+    task vectors must be formed, else the base's rows (and the factors) under
+    the budget. CART's k on adapter factors defaults to rank_ratio times R, the
+    sum of the adapters' ranks there (the centered task vectors' rank bound);
+    the rank option sets it."""
+    job = dense.job
+    path = adapted_path(job.name, job, models)
+    if path == "dense":
+        return dense
+    held = base.held_itemsize(job.name)
+    out_b = job.out_dtype.itemsize
+    R = None
+    state = 0
+    if path == "factors":
+        R = sum(m.adapter.factors[job.name].rank for m in models if m.kind(job.name) == "factors")
+        if job.treatment == "low-rank":
+            cfg = job.cfg
+            k = cfg.rank if cfg.rank is not None else max(1, int(cfg.rank_ratio * R))
+            job = dataclasses.replace(job, rank=k, rule=f"{job.rule}; LoRA factors of rank {R}")
+        m, n = job.shape
+        # float64 factors, their QR bases and the merged update's two factors, plus the cores.
+        state = 8 * 6 * (m + n) * R + 8 * 4 * R * R
+    work = compute_dtype(job.dtype).itemsize
+    per_row = (math.prod(job.shape[1:]) if job.shape else 1) * (held + work + 2 * out_b)
+    rows = job.shape[0] if job.shape else 1
+    if state + rows * per_row <= budget or not job.shape:
+        return TensorPlan(job, state + rows * per_row, None, 1, path=path, update_rank=R)
+    if state + per_row > budget:
+        raise MergeError(
+            f"tensor '{job.name}' {tuple(job.shape)}: merging it needs at least {format_size(state + per_row)} "
+            f"(the LoRA factors and one row block), more than the memory budget of {format_size(budget)}"
+        )
+    block_rows = (budget - state) // per_row
+    return TensorPlan(job, state + block_rows * per_row, block_rows, 1, path=path, update_rank=R)
+
+
+def _read_bytes(t: TensorPlan, models, base) -> int:
+    """Bytes read per pass over a tensor: every input's, or for the adapted
+    paths the base's (the factors are small)."""
+    if t.path != "dense":
+        return base.tensors[t.name].numel * base.ckpt.tensors[t.name].dtype.itemsize
+    return sum(m.tensors[t.name].nbytes for m in [*models, *([base] if base is not None else [])])

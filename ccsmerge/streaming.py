@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from ._version import __version__
+from .adapters import LoraAdapter, is_adapter
 from .checkpoint import Checkpoint
 from .config import MergeConfig
 from .devices import parse_device
@@ -145,11 +146,14 @@ def prepare_merge(
     elif gpu_budget is None:
         gpu_budget = default_gpu_budget(device)
     shard_bytes = _size("out_shard_size", out_shard_size)
-    opened = [Checkpoint(p) for p in models]
+    opened = [LoraAdapter(p) if is_adapter(p) else Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base is not None else None
     inputs = open_inputs(opened, base_ckpt, input_options, allow_config_mismatch=allow_config_mismatch)
     out_dtype = getattr(torch, dtype) if dtype else None
-    plan = make_plan(inputs.models, inputs.base, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget)
+    plan = make_plan(
+        inputs.models, inputs.base, cfg, budget, out_dtype, shard_bytes, gpu_budget=gpu_budget,
+        out_dtypes=inputs.out_dtypes,
+    )
     recipe = recipe_of(cfg, models, base, dtype, input_dtype=input_dtype, tokenizer_source=tokenizer_source,
                        layer_range=layer_range)
     return PreparedMerge(plan, cfg, inputs.models, inputs.base, recipe, input_options, inputs)

@@ -16,7 +16,8 @@ from ..errors import MergeError
 from ..lowrank import adaptive_randomized_svd_over_rows, centered_exact_svd, randomized_svd_over_rows, sketch_width
 from ..numerics import all_finite, compute_dtype, nonfinite_input, tensor_seed
 from .elementwise import AVERAGE, _inputs
-from .params import LAM, LOWRANK_SELECTION, RANK_RATIO, SVD_ENGINE, TOLERANCE, lowrank_rank, lowrank_rule
+from .factored import cart_factored
+from .params import LAM, LOWRANK_SELECTION, RANK, RANK_RATIO, SVD_ENGINE, TOLERANCE, lowrank_rank, lowrank_rule
 from .spec import Cost, Decision, MethodSpec, Treatment
 from .stacked import stacked, treatment_for
 
@@ -28,7 +29,7 @@ def cart_rule(name, shape, dtype, cfg, T) -> Decision:
     if T <= 2:
         # The two centered matrices are exact negatives: their rank-k parts cancel.
         return Decision("average", None, "2 models: CART is the average")
-    return Decision(treatment_for("low-rank", shape), lowrank_rank(shape, cfg.rank_ratio), why)
+    return Decision(treatment_for("low-rank", shape), lowrank_rank(shape, cfg.rank_ratio, cfg.rank), why)
 
 
 def oversample_for(cfg, k: int) -> int:
@@ -176,6 +177,7 @@ LOWRANK = Treatment(
         device_state=device_sketch_state_bytes,
         passes=lambda job: 3 + 2 * power_iters_for(job.cfg),
     ),
+    factored=cart_factored,
 )
 
 STACKED_LOWRANK = stacked(LOWRANK)
@@ -200,7 +202,7 @@ METHODS = (
         title="CART (Choi et al. 2024)",
         summary="theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on weight matrices",
         reference="https://arxiv.org/abs/2412.12153",
-        params=(RANK_RATIO, LAM.with_default(2.0), *SVD_ENGINE, TOLERANCE, *LOWRANK_SELECTION),
+        params=(RANK_RATIO, RANK, LAM.with_default(2.0), *SVD_ENGINE, TOLERANCE, *LOWRANK_SELECTION),
         needs_base=False,
         rule=cart_rule,
         treatments={"low-rank": LOWRANK, STACKED_LOWRANK.name: STACKED_LOWRANK, "average": AVERAGE},

@@ -14,6 +14,7 @@ import torch
 from .. import kernels
 from ..numerics import compute_dtype
 from ..tensor_values import per_model
+from .factored import average_factored, linear_factored, mean_task_vector_factored, task_arithmetic_factored
 from .params import LAM, NORMALIZE, WEIGHT
 from .spec import Cost, Decision, MethodSpec, Treatment
 
@@ -115,16 +116,23 @@ def mean_task_vector_whole(job, xs, base):
     return torch.add(b, kernels.mean(xs) - b, alpha=job.cfg.lam).to(job.out_dtype)
 
 
-AVERAGE = Treatment("average", average_whole, elementwise_blocks(average_whole), AVERAGE_COST)
-LINEAR = Treatment("linear", linear_whole, elementwise_blocks(linear_whole), LINEAR_COST)
+AVERAGE = Treatment(
+    "average", average_whole, elementwise_blocks(average_whole), AVERAGE_COST, factored=average_factored
+)
+LINEAR = Treatment(
+    "linear", linear_whole, elementwise_blocks(linear_whole), LINEAR_COST, factored=linear_factored,
+    keeps_equal=lambda cfg: cfg.normalize,  # without, sum_t w_t W0 is not W0
+)
 TASK_ARITHMETIC = Treatment(
-    "task-arithmetic", task_arithmetic_whole, elementwise_blocks(task_arithmetic_whole), TASK_VECTOR_COST
+    "task-arithmetic", task_arithmetic_whole, elementwise_blocks(task_arithmetic_whole), TASK_VECTOR_COST,
+    factored=task_arithmetic_factored,
 )
 MEAN_TASK_VECTOR = Treatment(
     "mean-task-vector",
     mean_task_vector_whole,
     elementwise_blocks(mean_task_vector_whole),
     Cost(host=AVERAGE_COST.host, device=TASK_VECTOR_COST.device),
+    factored=mean_task_vector_factored,
 )
 
 

@@ -14,6 +14,10 @@ from .spec import Param
 
 LAM = Param("lam", float, 1.0, "scale of the update (recipe key: lambda)", alias="lambda")
 RANK_RATIO = Param("rank_ratio", float, 0.12, "k = max(1, int(R * min(m, n)))", gt=0.0, le=1.0)
+RANK = Param(
+    "rank", int, None,
+    "absolute k, instead of rank_ratio (LoRA inputs: the updates' rank is the adapters' sum of ranks)", ge=1,
+)
 DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", gt=0.0, le=1.0, per_model=True)
 WEIGHT = Param("weight", float, 1.0, "the model's weight (one value, or one per model)", per_model=True)
 NORMALIZE = Param(
@@ -111,6 +115,9 @@ def lowrank_rule(name: str, shape: tuple[int, ...], dtype: torch.dtype, cfg) -> 
     return False, f"{len(shape)}-D"
 
 
-def lowrank_rank(shape: tuple[int, ...], rank_ratio: float) -> int:
-    """k of a weight matrix, or of each slice of a stack (its trailing two dimensions)."""
+def lowrank_rank(shape: tuple[int, ...], rank_ratio: float, rank: int | None = None) -> int:
+    """k of a weight matrix, or of each slice of a stack (its trailing two dimensions):
+    `rank` where given (at most min(m, n)), else max(1, int(rank_ratio * min(m, n)))."""
+    if rank is not None:
+        return min(rank, min(shape[-2:]))
     return max(1, int(rank_ratio * min(shape[-2:])))

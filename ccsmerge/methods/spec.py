@@ -38,6 +38,9 @@ class Param:
     def with_default(self, default: Any) -> Param:
         return dataclasses.replace(self, default=default)
 
+    def with_description(self, description: str) -> Param:
+        return dataclasses.replace(self, description=description)
+
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
@@ -74,6 +77,9 @@ class Cost:
 
 
 WholeMerge = Callable[[TensorJob, "list[torch.Tensor]", "torch.Tensor | None"], torch.Tensor]
+# (job, per-model update factors (left, right) or None) -> (left, right, base_scale):
+# merged = base_scale * W0 + left @ right (ccsmerge.methods.factored).
+FactoredMerge = Callable[[TensorJob, list], "tuple[torch.Tensor, torch.Tensor, float]"]
 BlockMerge = Callable[[TensorJob, RowSource, "list[tuple[int, int]]", torch.device], Iterator[torch.Tensor]]
 
 
@@ -91,6 +97,11 @@ class Treatment:
     cost: Cost
     refusal: str = "needs the whole matrix in memory"  # why blocks is None
     per_slice: bool = False  # merges each trailing matrix of a stack whole; row blocks hold whole slices
+    # From low-rank task vectors (LoRA adapters), exactly; None: the task vectors are formed densely.
+    factored: FactoredMerge | None = None
+    # Whether inputs all equal to the base merge to the base (then adapters that all
+    # leave a tensor alone give the base's tensor, copied).
+    keeps_equal: Callable[[Any], bool] = lambda cfg: True
 
 
 @dataclass(frozen=True)

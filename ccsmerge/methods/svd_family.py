@@ -29,7 +29,8 @@ from ..lowrank import centered_exact_svd, centered_randomized_svd
 from ..numerics import compute_dtype, tensor_seed
 from .cart import oversample_for, power_iters_for
 from .elementwise import MEAN_TASK_VECTOR, _inputs
-from .params import LAM, LOWRANK_SELECTION, SVD_ENGINE, Param, lowrank_rule
+from .factored import iso_c_factored, iso_cts_factored, tsv_m_factored
+from .params import LAM, LOWRANK_SELECTION, RANK, SVD_ENGINE, Param, lowrank_rule
 from .spec import Cost, Decision, MethodSpec, Treatment
 from .stacked import stacked, treatment_for
 
@@ -125,13 +126,13 @@ def _family_rule(treatment: str, rank):
         lowrank, why = lowrank_rule(name, shape, dtype, cfg)
         if not lowrank:
             return Decision("mean-task-vector", None, why)
-        return Decision(treatment_for(treatment, shape), rank(shape[-2:], T), why)
+        return Decision(treatment_for(treatment, shape), rank(shape[-2:], T, cfg), why)
 
     return rule
 
 
-def _family(name, title, summary, reference, treatment, whole, params, rank, search_axis=None):
-    matrix = Treatment(treatment, whole, None, WHOLE_MATRIX_COST)
+def _family(name, title, summary, reference, treatment, whole, factored, params, rank, search_axis=None):
+    matrix = Treatment(treatment, whole, None, WHOLE_MATRIX_COST, factored=factored)
     per_slice = stacked(matrix)
     return MethodSpec(
         name=name,
@@ -153,16 +154,18 @@ def _family(name, title, summary, reference, treatment, whole, params, rank, sea
 METHODS = (
     _family(
         "tsv_m", "TSV-M (Gargiulo et al. 2025)", "per-task top r/T singular triplets, orthogonalised bases",
-        "https://arxiv.org/abs/2412.00081", "tsv-m", tsv_m_whole, SVD_ENGINE,
-        lambda shape, T: max(1, min(shape) // T),
+        "https://arxiv.org/abs/2412.00081", "tsv-m", tsv_m_whole, tsv_m_factored, (RANK.with_description(
+            "absolute k per task, instead of min(m, n) // T (LoRA inputs: at most each adapter's rank)"
+        ), *SVD_ENGINE),
+        lambda shape, T, cfg: min(cfg.rank, min(shape)) if cfg.rank is not None else max(1, min(shape) // T),
     ),
     _family(
         "iso_c", "Iso-C (Marczak et al. 2025)", "sum of task vectors with a flattened (isotropic) spectrum",
-        "https://arxiv.org/abs/2502.04959", "iso-c", iso_c_whole, (), lambda shape, T: None,
+        "https://arxiv.org/abs/2502.04959", "iso-c", iso_c_whole, iso_c_factored, (), lambda shape, T, cfg: None,
     ),
     _family(
         "iso_cts", "Iso-CTS (Marczak et al. 2025)", "Iso-C's common subspace plus task-specific directions",
-        "https://arxiv.org/abs/2502.04959", "iso-cts", iso_cts_whole, (COMMON_SPACE_FRACTION,),
-        lambda shape, T: None, search_axis="common_space_fraction",
+        "https://arxiv.org/abs/2502.04959", "iso-cts", iso_cts_whole, iso_cts_factored, (COMMON_SPACE_FRACTION,),
+        lambda shape, T, cfg: None, search_axis="common_space_fraction",
     ),
 )
