@@ -102,9 +102,13 @@ def test_adapters_mixed_with_a_full_fine_tune(family, full, tmp_path, method, op
     base, dense_models, is_adapter = L.dense_inputs(family["base"], models)
     assert is_adapter == [True, True, True, False]
     options = extended(options, len(models))
-    out = merge(models, tmp_path / "out", method, family["base"], **options)
+    # a full fine-tune makes every tensor dense: CART and TSV-M there are randomized unless told otherwise
+    engine = {"svd": "exact"} if method in ("cart", "tsv_m") else {}
+    out = merge(models, tmp_path / "out", method, family["base"], **options, **engine)
     expected = L.reference_merge(method, base, dense_models, is_adapter, **options)
-    assert_close(L.tensors(out), expected, torch.float32, label=method)
+    # dense SVDs in float32: their rounding is amplified by the spectral gaps of a full-rank update
+    relative = 1e-4 if method in ("cart", "tsv_m", "iso_c", "iso_cts") else RELATIVE
+    assert_close(L.tensors(out), expected, torch.float32, relative=relative, label=method)
 
 
 def test_references_see_what_the_adapters_are(family, dense):
@@ -175,13 +179,15 @@ def paths_of(plan) -> dict[str, str]:
 
 
 def expected_paths(base: dict, dense_path: str) -> dict[str, str]:
-    """Adapted tensors take `dense_path`, lm_head (a replaced tensor) "dense",
-    the rest (norms) "base"."""
+    """Adapted tensors take `dense_path`; lm_head (a replaced tensor) and the
+    embedding "dense" (peft saves an adapted embedding's base layer with the
+    adapter, by default: a full tensor, merged as a full fine-tune's); the
+    rest (norms) "base"."""
     out = {}
     for name in base:
-        if name == "lm_head.weight":
+        if name in ("lm_head.weight", "model.embed_tokens.weight"):
             out[name] = "dense"
-        elif name == "model.embed_tokens.weight" or L.is_weight_matrix(name, base[name]):
+        elif L.is_weight_matrix(name, base[name]):
             out[name] = dense_path
         else:
             out[name] = "base"
