@@ -156,7 +156,7 @@ def adapters_goal(result: dict) -> tuple[str, str, str]:
     if any("error" in rows[key] for key in ("a", "b_merge")):
         return goal, "a merge failed", "no"
     a = rows["a"]["merge_s"]
-    dense = rows["b_merge"]["merge_s"] + rows["b_write"]["process_s"]
+    dense = rows["b_merge"]["merge_s"] + rows["b_write"]["write_s"]
     error = max(entry["a"]["update"] for entry in result["agreement"].values())
     config = result["config"]
     text = (f"{dense / a:.1f}× ({dense:.0f} s against {a:.1f} s; {config['adapters']} rank-{config['rank']} adapters, "
