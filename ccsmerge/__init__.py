@@ -6,6 +6,7 @@ from . import _extension, ops
 from ._version import __version__
 from .config import MergeConfig
 from .errors import MergeError
+from .extract_lora import extract_lora
 from .merge import merge
 from .search import SearchResult, search
 from .streaming import merge_checkpoints, plan_checkpoints
@@ -30,6 +31,7 @@ def build_info() -> dict:
 __all__ = [
     "merge",
     "merge_checkpoints",
+    "extract_lora",
     "plan_checkpoints",
     "search",
     "SearchResult",

@@ -20,7 +20,7 @@ from .cli_parser import CcsmergeParser, exit_quietly_on_broken_pipe
 from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS
 from .errors import MergeError, Terminated
 from .methods import REGISTRY
-from .planning import DEVICE_RESERVE
+from .planning import DEVICE_RESERVE, averaging_tensors, averaging_warning
 from .recipe import DTYPES, Recipe, load_recipe, recipe_arguments
 from .sizes import format_size
 
@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--no-overlap", dest="overlap", action="store_false", help="read, merge and write in turn (for measurements)"
     )
+    merge.add_argument(
+        "--output-format", choices=("safetensors", "lora"), default="safetensors",
+        help="safetensors: the merged model (default); lora: a PEFT adapter of the merged update over --base",
+    )
+    merge.add_argument(
+        "--lora-rank", type=int, metavar="R",
+        help="with --output-format lora: truncate each module's update to rank R (default: exact, "
+        "the update's own rank; required where the update is dense)",
+    )
     plan = commands.add_parser("plan", help="show what a merge would do, without merging")
     _inputs(plan)
     index = commands.add_parser("index", help="CART-indexing: store theta_avg and every task's low-rank update")
@@ -159,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out-shard-size", default="5GB", metavar="SIZE")
     export.add_argument("--overwrite", action="store_true")
     export.add_argument("--debug", action="store_true", help="show tracebacks")
+    _extract_lora_parser(commands)
     search = commands.add_parser("search", help="score a grid of merge settings with your evaluation function")
     search.add_argument("--method", choices=METHODS, default="cart")
     search.add_argument("--model", action="append", metavar="PATH", required=True, help="repeat per model")
@@ -174,6 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_arguments(demo)
     return parser
+
+
+def _extract_lora_parser(commands) -> None:
+    extract = commands.add_parser("extract-lora", help="write a PEFT LoRA adapter of a fine-tune's update over its base")
+    extract.add_argument("--base", required=True, metavar="PATH", help="the base model the adapter applies to")
+    extract.add_argument("--model", required=True, metavar="PATH", help="the fine-tuned model")
+    extract.add_argument("--rank", required=True, type=int, help="the LoRA rank of every module")
+    extract.add_argument("--out", required=True, metavar="DIR", help="the adapter folder")
+    extract.add_argument("--max-memory", metavar="SIZE", help="memory budget, e.g. 2GB (default: half the free RAM)")
+    extract.add_argument("--seed", type=int, default=0, help="the randomized engine's seed (default 0)")
+    extract.add_argument("--oversample", type=int, default=10, help="sketch columns beyond the rank (default 10)")
+    extract.add_argument("--power-iters", type=int, default=2, help="power iterations (default 2)")
+    extract.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                         help="the adapter's dtype (default: the model's)")
+    extract.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    extract.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                         help="tensors saved whole (modules_to_save) instead of factored; repeatable")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    extract.add_argument("--quiet", action="store_true", help="no per-tensor lines")
+    extract.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run_extract_lora(args: argparse.Namespace) -> None:
+    from .extract_lora import extract_lora
+
+    result = extract_lora(
+        args.base, args.model, args.out, args.rank, max_memory=args.max_memory, seed=args.seed,
+        oversample=args.oversample, power_iters=args.power_iters, dtype=args.dtype, device=args.device,
+        overwrite=args.overwrite, exclude=args.exclude, progress=not args.quiet,
+    )
+    print(result.summary())
+    sys.stdout.flush()
 
 
 def _floats(text: str) -> list[float]:
@@ -238,6 +280,13 @@ def merge_arguments(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+PATH_WORDS = {
+    "factors": "from LoRA factors (exact)",
+    "base": "copied from the base (no adapter changes them)",
+    "dense": "dense (the task vectors formed)",
+}
+
+
 def input_flags(args: argparse.Namespace) -> dict:
     """The flags that change what is read of the inputs, where given (they win over a recipe)."""
     given = {
@@ -250,6 +299,7 @@ def input_flags(args: argparse.Namespace) -> dict:
 
 def print_plan(plan) -> None:
     on_gpu = plan.gpu_budget is not None
+    adapted = any(t.path != "dense" for t in plan.tensors)
     rows = []
     for t in plan.tensors:
         how = "whole" if t.block_rows is None else f"{t.block_rows}-row blocks, {t.passes} passes"
@@ -258,8 +308,11 @@ def print_plan(plan) -> None:
             dtype += "->" + str(t.out_dtype).replace("torch.", "")
         policy = f"{t.policy} k={t.rank}" if t.policy.endswith("low-rank") else t.policy
         row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, t.rule, how, format_size(t.memory))
+        if adapted:
+            row = row[:4] + (t.path if t.update_rank is None else f"{t.path} R={t.update_rank}",) + row[4:]
         rows.append(row + ((format_size(t.device_memory or 0),) if on_gpu else ()))
-    header = ("tensor", "shape", "dtype", "policy", "decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())
+    header = ("tensor", "shape", "dtype", "policy") + (("path",) if adapted else ())
+    header += ("decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -268,6 +321,12 @@ def print_plan(plan) -> None:
     print()
     print(f"{len(plan.tensors)} tensors: " + ", ".join(f"{n} {p}" for p, n in sorted(policies.items())))
     print(f"{plan.models} models{' and a base' if plan.has_base else ''}; {blocked} tensors merged in row blocks")
+    if adapted:
+        paths = Counter(t.path for t in plan.tensors)
+        print("inputs read: " + ", ".join(f"{n} {PATH_WORDS[p]}" for p, n in sorted(paths.items())))
+    averaged = averaging_tensors(plan)
+    if averaged:
+        print(averaging_warning(averaged))
     print(f"estimated peak memory {format_size(plan.peak_memory)} (budget {format_size(plan.budget)})")
     if on_gpu:
         print(
@@ -298,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "search":
             run_search(args)
+            return 0
+        if args.command == "extract-lora":
+            run_extract_lora(args)
             return 0
         if args.command == "demo":
             from .demo.run import run_from_arguments
@@ -340,10 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             overlap=args.overlap,
             distributed=args.distributed,
+            output_format=args.output_format,
+            lora_rank=args.lora_rank,
             **kwargs,
         )
         if not args.quiet:
-            print(f"merged into {out}", file=sys.stderr)
+            print(f"merged into {out}" + (" (a LoRA adapter)" if args.output_format == "lora" else ""), file=sys.stderr)
         return 0
     except KeyboardInterrupt as exc:
         print(f"ccsmerge: {exc or 'interrupted'}", file=sys.stderr)

@@ -521,6 +521,12 @@ class OutputFolder:
             if owner:
                 self._release()
 
+    def discard(self) -> None:
+        """Remove the claimed partial folder and let its lock go (a writer whose
+        lifetime spans calls, outside cleanup(), gives up with this)."""
+        self._abandon(keep=False)
+        self._release()
+
     def _abandon(self, keep: bool) -> bool:
         if self._lock is None or self.published or keep:
             return False

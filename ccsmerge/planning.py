@@ -307,11 +307,16 @@ def make_plan(
         info = models[0].tensors[name]
         held = max(m.held_itemsize(name) for m in [*models, *([base] if base is not None else [])])
         tensor_out = out_dtype if out_dtype is not None else (out_dtypes or {}).get(name)
-        dense = plan_tensor(
-            name, info.shape, info.dtype, config_of(name), T, base is not None, budget, tensor_out,
-            gpu_budget=gpu_budget, read_itemsize=held,
-        )
-        tensors.append(plan_adapted(dense, models, base, budget) if adapted else dense)
+        planned = None
+        if adapted:
+            job = decide(name, info.shape, info.dtype, config_of(name), T, tensor_out if info.dtype.is_floating_point else None)
+            planned = plan_adapted(job, models, base, budget)
+        if planned is None:
+            planned = plan_tensor(
+                name, info.shape, info.dtype, config_of(name), T, base is not None, budget, tensor_out,
+                gpu_budget=gpu_budget, read_itemsize=held,
+            )
+        tensors.append(planned)
     reserved = 0
     if gpu_budget is not None:
         reserved = staging_bytes(budget, budget - max((t.memory for t in tensors), default=0))
@@ -336,16 +341,15 @@ def adapted_path(name: str, job: TensorJob, models) -> str:
     return "factors"
 
 
-def plan_adapted(dense: TensorPlan, models, base, budget: int) -> TensorPlan:
-    """A tensor's plan in a merge with adapters: the dense plan where the
-    task vectors must be formed, else the base's rows (and the factors) under
-    the budget. CART's k on adapter factors defaults to rank_ratio times R, the
+def plan_adapted(job: TensorJob, models, base, budget: int) -> TensorPlan | None:
+    """A tensor's plan in a merge with adapters: None where the task vectors
+    must be formed (the dense plan), else the base's rows (and the factors)
+    under the budget. CART's k on adapter factors defaults to rank_ratio times R, the
     sum of the adapters' ranks there (the centered task vectors' rank bound);
     the rank option sets it."""
-    job = dense.job
     path = adapted_path(job.name, job, models)
     if path == "dense":
-        return dense
+        return None
     held = base.held_itemsize(job.name)
     out_b = job.out_dtype.itemsize
     R = None
@@ -379,3 +383,22 @@ def _read_bytes(t: TensorPlan, models, base) -> int:
     if t.path != "dense":
         return base.tensors[t.name].numel * base.ckpt.tensors[t.name].dtype.itemsize
     return sum(m.tensors[t.name].nbytes for m in [*models, *([base] if base is not None else [])])
+
+
+def averaging_tensors(plan: MergePlan) -> list[TensorPlan]:
+    """Low-rank tensors merged from LoRA factors whose k reaches R, the
+    centered task vectors' rank bound: there CART keeps every centered task
+    vector whole, and they sum to zero, so the merge is the average."""
+    return [
+        t for t in plan.tensors
+        if t.path == "factors" and t.policy == "low-rank" and t.rank is not None and t.rank >= t.update_rank
+    ]
+
+
+def averaging_warning(tensors: list[TensorPlan]) -> str:
+    t = tensors[0]
+    more = f" and {len(tensors) - 1} more" if len(tensors) > 1 else ""
+    return (
+        f"warning: CART on '{t.name}'{more} is the plain average: k = {t.rank} is not below R = {t.update_rank}, "
+        "the rank of the adapters' centered updates; give rank (--rank) or rank_ratio below it"
+    )

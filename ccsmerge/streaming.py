@@ -12,6 +12,7 @@ merge, with identical bytes (the merge is deterministic)."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,13 @@ from .layers import check_layer_range
 from .output_folder import RECIPE_FILE, AuxFiles, OutputFolder, aux_files, output_path
 from .output_folder import partial_folder  # noqa: F401 (imported from here by callers and tests)
 from .pipeline import _stream
-from .planning import GPU_BUDGET_FRACTION, MergePlan, make_plan
+from .planning import GPU_BUDGET_FRACTION, MergePlan, averaging_tensors, averaging_warning, make_plan
 from .recipe import DTYPES, Recipe, dump_recipe, recipe_of
 from .shard_writer import write_index
 from .sizes import parse_size
 
 DEFAULT_SHARD_SIZE = "5GB"
+OUTPUT_FORMATS = ("safetensors", "lora")
 
 
 def default_budget() -> int:
@@ -190,6 +192,8 @@ def merge_checkpoints(
     progress: bool = False,
     overlap: bool = True,
     distributed: bool = False,
+    output_format: str = "safetensors",
+    lora_rank: int | None = None,
     **options,
 ) -> Path:
     """Merge checkpoints on disk into the Hugging Face folder `out`.
@@ -219,8 +223,32 @@ def merge_checkpoints(
     one tensor at a time, in sequence, and copies inputs to the GPU in the
     merge itself (to measure what the overlap gains). distributed=True splits
     the shards over the processes of a torch.distributed job (torchrun);
-    every process calls this with the same arguments. Returns `out`."""
+    every process calls this with the same arguments.
+
+    output_format="lora" writes a PEFT adapter of the merged update over
+    the base instead (ccsmerge.lora_output), exact where the update's rank
+    fits lora_rank (None: always; required where the update is dense).
+    Returns `out`."""
     out = output_path(out)
+    if output_format not in OUTPUT_FORMATS:
+        raise MergeError(f"output_format: '{output_format}' is not one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "lora":
+        for option, value in (("resume", resume), ("distributed", distributed)):
+            if value:
+                raise MergeError(f"{option}: not supported with output_format='lora' (the adapter is written in one run)")
+        from .lora_output import merge_to_adapter
+
+        prepared = prepare_merge(
+            models, method, base, max_memory=max_memory, max_gpu_memory=max_gpu_memory, dtype=dtype,
+            out_shard_size=out_shard_size, input_dtype=input_dtype, tokenizer_source=tokenizer_source,
+            layer_range=layer_range, allow_config_mismatch=allow_config_mismatch, **options,
+        )
+        _warn_averaging(prepared.plan)
+        given = [models] if isinstance(models, (str, Path)) else list(models)
+        return merge_to_adapter(prepared, out, lora_rank=lora_rank, overwrite=overwrite, progress=progress,
+                                inputs=[*given, *([base] if base is not None else [])])
+    if lora_rank is not None:
+        raise MergeError("lora_rank: applies to output_format='lora' only")
     coordinator = TorchDistributed() if distributed else Coordinator()
     try:
         return _merge_checkpoints(
@@ -251,6 +279,8 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
         lambda: prepare_merge(models, method, base, local_device=coordinator.local_device, **options)
     )[coordinator.rank]
     sources = ([prepared.base] if prepared.base else []) + prepared.models
+    if coordinator.rank == 0:
+        _warn_averaging(prepared.plan)
 
     def claim() -> tuple[set[int], AuxFiles]:  # on rank 0 only
         aux = prepared.aux_files()  # a config that cannot say the dtype: refused now
@@ -279,6 +309,12 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
 
         coordinator.agree(finish, on_rank=0)
     return out
+
+
+def _warn_averaging(plan: MergePlan) -> None:
+    averaged = averaging_tensors(plan)
+    if averaged:
+        warnings.warn(averaging_warning(averaged).removeprefix("warning: "), stacklevel=4)
 
 
 def _output_dtype(plan: MergePlan, input_dtype: torch.dtype | None = None) -> torch.dtype | None:

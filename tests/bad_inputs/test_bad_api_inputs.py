@@ -185,7 +185,7 @@ def test_unknown_option_lists_valid_options():
     for field in ("method", "device", "allow_nonfinite", *REGISTRY["cart"].param_names):  # cart's options
         assert field in message, field
     with pytest.raises(MergeError, match="unknown option; valid options for ties: .*density") as info:
-        make_config(method="ties", rank="4")
+        make_config(method="ties", ranks="4")
 
 
 def test_make_config_accepts_valid_options():

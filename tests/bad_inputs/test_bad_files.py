@@ -79,20 +79,57 @@ def adapter_weights(i: int) -> dict[str, torch.Tensor]:
     return {LORA_A: torch.randn(4, 16, generator=g), LORA_B: torch.randn(16, 4, generator=g)}
 
 
-@scenario("adapter-folder", fmt="safetensors")
-@scenario("adapter-folder-bin", fmt="bin")
-def adapter_folder(tmp, fmt):
+def adapter_folders(tmp, fmt="safetensors", config=None, weights=adapter_weights) -> list[Path]:
     paths = []
     for i in range(3):
         folder = tmp / f"adapter{i}"
         folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, **(config or {})}))
         if fmt == "safetensors":
-            save_file(adapter_weights(i), folder / "adapter_model.safetensors")
+            save_file(weights(i), folder / "adapter_model.safetensors")
         else:
-            torch.save(adapter_weights(i), folder / "adapter_model.bin")
+            torch.save(weights(i), folder / "adapter_model.bin")
         paths.append(folder)
-    return Case(flags(paths), [str(paths[0]), "PEFT adapter", "adapter_config.json", "merge_and_unload"])
+    return paths
+
+
+@scenario("adapter-folder", fmt="safetensors")
+@scenario("adapter-folder-bin", fmt="bin")
+def adapter_folder(tmp, fmt):
+    paths = adapter_folders(tmp, fmt)
+    return Case(flags(paths), [str(paths[0]), "LoRA adapter", "--base"])
+
+
+def with_base(tmp, paths) -> list:
+    base = models(tmp)[0]
+    return flags(paths) + ["--base", base]
+
+
+@scenario("adapter-dora", key="use_dora", value=True, what="DoRA")
+@scenario("adapter-not-lora", key="peft_type", value="IA3", what="IA3 adapter")
+@scenario("adapter-unknown-option", key="lora_fancy_mode", value="on", what="not known to ccsmerge")
+def adapter_refused_config(tmp, key, value, what):
+    paths = adapter_folders(tmp, config={key: value})
+    return Case(with_base(tmp, paths), [str(paths[0] / "adapter_config.json"), key if key != "peft_type" else "LORA", what])
+
+
+@scenario("adapter-shape-mismatch")
+def adapter_shape_mismatch(tmp):
+    def wide(i):
+        g = torch.Generator().manual_seed(i)
+        return {LORA_A: torch.randn(4, 17, generator=g), LORA_B: torch.randn(16, 4, generator=g)}
+
+    paths = adapter_folders(tmp, weights=wide)
+    return Case(with_base(tmp, paths), [str(paths[0] / "adapter_model.safetensors"), "16 x 17", Q])
+
+
+@scenario("adapter-for-another-model")
+def adapter_for_another_model(tmp):
+    def elsewhere(i):
+        return {k.replace("layers.0", "layers.9"): v for k, v in adapter_weights(i).items()}
+
+    paths = adapter_folders(tmp, weights=elsewhere)
+    return Case(with_base(tmp, paths), [str(paths[0] / "adapter_model.safetensors"), "layers.9", "does not have"])
 
 
 @scenario("adapter-bare-files")
