@@ -10,7 +10,9 @@ Runs each benchmark script in a fresh process, in this order: the engine
 end-to-end merge, the low-rank step against torch.linalg.svd and
 torch.svd_lowrank), scaling, every method side by side with the cost of a
 search, streaming merges from disk, a long merge under a small budget,
-ccsmerge against mergekit (when this interpreter can import mergekit, or
+LoRA adapters merged from their factors against merge_and_unload + a dense
+merge and peft's add_weighted_adapter (tiny with --quick, 4 layers of a
+Llama-7B shape with --full), ccsmerge against mergekit (when this interpreter can import mergekit, or
 under --mergekit-python), and, with --full, distributed merges. Each writes
 its JSON, markdown and plots into --out; then plots.py draws the report's
 plots there, and REPORT.md gathers everything behind a table of the goals,
@@ -60,6 +62,9 @@ def steps(args) -> list[tuple[str, list[str], str]]:
          "streaming.md"),
         ("A long merge under a small budget",
          [py, "streaming_load.py", "--out", out] + ([] if args.full else ["--tensors", "120"]), "streaming_load.md"),
+        ("Merging LoRA adapters", [py, "adapters.py", "--out", out, *quick]
+         + (["--threads", str(args.threads)] if args.threads else []),
+         "adapters-4layers.md" if args.full else "adapters-quick.md"),
     ]
     mk = mergekit_python(args)
     if mk:
@@ -144,6 +149,21 @@ def tradeoff_goal(tradeoff: dict) -> tuple[str, str, str]:
         "yes" if x["median"] >= 20 else "no"
 
 
+def adapters_goal(result: dict) -> tuple[str, str, str]:
+    """The factor path against merge_and_unload + dense CART (adapters.py)."""
+    goal = "LoRA adapters: CART from the factors ≥ 50× faster than merge_and_unload + dense CART, and exact"
+    rows = result["rows"]
+    if any("error" in rows[key] for key in ("a", "b_merge")):
+        return goal, "a merge failed", "no"
+    a = rows["a"]["merge_s"]
+    dense = rows["b_merge"]["merge_s"] + rows["b_write"]["write_s"]
+    error = max(entry["a"]["update"] for entry in result["agreement"].values())
+    config = result["config"]
+    text = (f"{dense / a:.1f}× ({dense:.0f} s against {a:.1f} s; {config['adapters']} rank-{config['rank']} adapters, "
+            f"hidden {config['hidden']}, {config['layers']} layers); update error {error:.1e} against exact dense CART")
+    return goal, text, "yes" if dense / a >= 50 and error <= 1e-4 else "no"
+
+
 def streaming_goals(streaming: dict) -> list[tuple[str, str, str]]:
     ratios, over = [], []
     for size in streaming.get("sizes", []):
@@ -197,6 +217,9 @@ def goals(out: Path, device: str, preset: str, mergekit_ran: bool) -> list[tuple
     tradeoff = load(out / "cart_tradeoff.json")
     if tradeoff:
         rows.append(tradeoff_goal(tradeoff))
+    adapters = load(out / ("adapters-4layers.json" if preset == "full" else "adapters-quick.json"))
+    if adapters:
+        rows.append(adapters_goal(adapters))
     streaming = load(out / "streaming.json")
     if streaming:
         rows += streaming_goals(streaming)
