@@ -148,7 +148,8 @@ class SketchReport:
     """What an adaptive randomized SVD did for one tensor: power iterations run, sketch
     width, the estimated relative error of the update sum_t U_t S_t Vh_t, the target it
     aimed at, the estimated rounding floor of the inputs (None for an explicit target),
-    and whether it stopped at the cap above the target."""
+    whether it stopped at the cap above the target, and whether the passes after the
+    first ran in low precision (fast_arithmetic)."""
 
     power_iters: int
     width: int
@@ -156,6 +157,7 @@ class SketchReport:
     target: float
     rounding_floor: float | None
     reached_cap: bool
+    fast_products: bool = False
 
 
 def adaptive_randomized_svd_over_rows(
@@ -256,7 +258,7 @@ def adaptive_randomized_svd_over_rows(
             f"tensor '{name}': {iters} power iterations (the cap) leave an estimated update error of "
             f"{estimate:.2%}, above the target {target:.2%}; raise power_iters or oversample, or use svd='exact'"
         )
-    return factors, SketchReport(iters, width, estimate, target, floor, capped)
+    return factors, SketchReport(iters, width, estimate, target, floor, capped, passes.fast)
 
 
 def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
