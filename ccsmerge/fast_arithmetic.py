@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import accuracy
+from . import accuracy, kernels
 
 # Columns (or rows) of the centered panel: ~4 MiB of float32 stays in cache between
 # the subtraction, the rounding and the GEMM that reads it.
@@ -121,6 +121,14 @@ def _centered(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
     if center is None:
         return x.to(torch.float32, copy=True)
     return torch.sub(x, center) if x.dtype != torch.float32 else x - center
+
+
+def basis(y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
+    """The fast path's basis of each panel: cholesky_qr on the CPU; on CUDA the compiled
+    orthonormalize, which is CholeskyQR2 in float64 already (per-panel host checks would stall it)."""
+    if y.device.type == "cpu":
+        return cholesky_qr(y, rounds)
+    return kernels.orthonormalize(y)
 
 
 def cholesky_qr(y: torch.Tensor, rounds: int = 2) -> torch.Tensor:

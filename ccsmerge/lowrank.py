@@ -115,7 +115,7 @@ class _RowPasses:
         return kernels.centered_matmul(xs, center, rhs, transpose)
 
     def orthonormalize_rhs(self, bt):  # the next right-hand side: only its span matters
-        return fast_arithmetic.cholesky_qr(bt, rounds=1) if self.fast else kernels.orthonormalize(bt)
+        return fast_arithmetic.basis(bt, rounds=1) if self.fast else kernels.orthonormalize(bt)
 
     def range_basis(self, rhs, check=None):  # orth(D rhs)
         y = None
@@ -132,7 +132,7 @@ class _RowPasses:
             y[:, start:stop] = part
         if check is not None:
             self.sketch_energy = float(torch.linalg.vector_norm(y)) ** 2
-        return fast_arithmetic.cholesky_qr(y, rounds=2) if self.fast else kernels.orthonormalize(y)
+        return fast_arithmetic.basis(y, rounds=2) if self.fast else kernels.orthonormalize(y)
 
     def transposed_product(self, q):  # D^T q, summed over row blocks
         total = None
