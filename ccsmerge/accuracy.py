@@ -40,6 +40,14 @@ PROBE_COLUMNS = 16
 # of the compute dtype (float32: measured up to 12x it against a float64 reference,
 # the cancellation in the centered products).
 ARITHMETIC_MARGIN = 16.0
+# The low-precision products (ccsmerge.fast_arithmetic: bf16 GEMMs on the CPU, TF32 on CUDA)
+# are counted at this multiple of their first-order rounding floor, and are used only when
+# that takes at most FAST_SHARE of the target.
+FAST_MARGIN = 4.0
+FAST_SHARE = 0.5
+# A change between iterates within this multiple of the arithmetic's noise level says
+# nothing about the contraction rate (successive iterates differ by their noise).
+_NOISE_CHANGE = 2.0
 
 
 def parse_tolerance(value):
@@ -171,8 +179,10 @@ class ConvergenceMonitor:
         self.estimate = math.inf
         self.update_norm = 0.0
 
-    def observe(self, factors, spectra: torch.Tensor) -> float:
-        """The estimate after one more iterate (factors, and its sketch's l singular values)."""
+    def observe(self, factors, spectra: torch.Tensor, noise_level: float = 0.0) -> float:
+        """The estimate after one more iterate (factors, and its sketch's l singular values).
+        noise_level: the relative error the arithmetic itself leaves in every iterate; a change
+        at that level is noise, and the observed ratio of changes is not taken as the rate."""
         seen = probe_update(factors, self.probe)
         self.update_norm = float(seen.norm()) / math.sqrt(PROBE_COLUMNS)
         previous, self.previous = self.previous, seen
@@ -186,7 +196,7 @@ class ConvergenceMonitor:
         s = spectra.to(torch.float64)
         ratio = (s[..., -1] / s[..., self.k - 1].clamp_min(torch.finfo(torch.float64).tiny)).nan_to_num(0.0)
         rate = float(ratio.max()) ** 2
-        if self.last_change:
+        if self.last_change and change > _NOISE_CHANGE * noise_level:
             rate = max(rate, change / self.last_change)
         rate = min(rate, _MAX_RATE)
         self.last_change = change
