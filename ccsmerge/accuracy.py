@@ -42,8 +42,14 @@ PROBE_COLUMNS = 16
 ARITHMETIC_MARGIN = 16.0
 
 
+OFF = "off"  # how flags and recipes write tolerance=None (fixed power iterations)
+
+
 def parse_tolerance(value):
-    """"auto", or a relative error in (0, 1) as a float (from a number or its text)."""
+    """"auto", a relative error in (0, 1) as a float (from a number or its text), or
+    None for None / "off" (fixed power iterations)."""
+    if value is None or value == OFF:
+        return None
     if value == "auto":
         return "auto"
     number = value
@@ -53,7 +59,7 @@ def parse_tolerance(value):
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < 1:
-        raise ValueError(f"tolerance must be 'auto' or a relative error in (0, 1), got {value!r}")
+        raise ValueError(f"tolerance must be 'auto', 'off' or a relative error in (0, 1), got {value!r}")
     return float(number)
 
 
@@ -64,11 +70,13 @@ def check_tolerance(tolerance) -> None:
 
 
 class Tolerance:
-    """The type of the `tolerance` option: "auto" or a float in (0, 1). Calling it
-    parses a value (argparse calls it on a flag's text); pydantic validates with it."""
+    """The type of the `tolerance` option: "auto", a float in (0, 1), or None ("off").
+    Calling it parses a flag's text (argparse), keeping "off" as text so that a given
+    flag stays given; pydantic validates with parse_tolerance."""
 
     def __new__(cls, value):
-        return parse_tolerance(value)
+        parsed = parse_tolerance(value)
+        return OFF if parsed is None else parsed
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source, handler):

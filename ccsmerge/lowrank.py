@@ -135,14 +135,14 @@ class _RowPasses:
 class SketchReport:
     """What an adaptive randomized SVD did for one tensor: power iterations run, sketch
     width, the estimated relative error of the update sum_t U_t S_t Vh_t, the target it
-    aimed at, the estimated rounding floor of the inputs (None for an explicit target),
+    aimed at, the estimated rounding floor of the inputs (what "auto" aims below),
     and whether it stopped at the cap above the target."""
 
     power_iters: int
     width: int
     estimated_error: float
     target: float
-    rounding_floor: float | None
+    rounding_floor: float
     reached_cap: bool
 
 
@@ -208,10 +208,8 @@ def adaptive_randomized_svd_over_rows(
         estimate += accuracy.ARITHMETIC_MARGIN * accuracy.rounding_floor(
             spectra, k, shape, arithmetic_noise, monitor.update_norm
         )
-        floor = None
-        if tolerance == "auto":
-            floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
-        target = accuracy.resolve_target(tolerance, floor or 0.0)
+        floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
+        target = accuracy.resolve_target(tolerance, floor)
         if estimate <= target or iters == max_power_iters:
             break
         # What stays alive is what the fixed algorithm holds: one set of factors (at the

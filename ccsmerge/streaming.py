@@ -12,6 +12,7 @@ merge, with identical bytes (the merge is deterministic)."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from . import accuracy_record
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .config import MergeConfig
@@ -269,11 +271,19 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
         # keeps the finished shards for `resume`.
         coordinator.agree(stream)
 
-        def finish() -> None:  # on rank 0 only
-            write_index(folder.partial, prepared.plan.shards, {"ccsmerge_version": __version__})
+        def finish() -> dict:  # on rank 0 only
+            shards = prepared.plan.shards
+            entries, missing = accuracy_record.assemble(folder.partial, len(shards))
+            found = accuracy_record.write_record(folder.partial, entries, missing)
+            write_index(folder.partial, shards, {"ccsmerge_version": __version__, "ccsmerge_accuracy": found})
             folder.publish(aux)
+            accuracy_record.remove_shard_records(out)
+            return found
 
-        coordinator.agree(finish, on_rank=0)
+        found = coordinator.agree(finish, on_rank=0)[0]
+    if progress and coordinator.rank == 0:
+        for line in accuracy_record.summary_lines(found):
+            print(line, file=sys.stderr)
     return out
 
 

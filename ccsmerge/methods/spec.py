@@ -34,6 +34,9 @@ class Param:
     choices: tuple[str, ...] | None = None
     alias: str | None = None  # a second recipe key ("lambda" for lam)
     per_model: bool = False  # may be given per model in a recipe (e.g. weight)
+    # None given explicitly is a value, not "unset" (tolerance=None: fixed power iterations);
+    # recipes and flags write it as OFF.
+    none_is_value: bool = False
 
     def with_default(self, default: Any) -> Param:
         return dataclasses.replace(self, default=default)
