@@ -92,6 +92,29 @@ def drain(entries: list[TensorAccuracy]) -> list[TensorAccuracy]:
     return taken
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What the plan states of a matrix's accuracy before anything is read: the
+    engine, the sketch width, the power iterations (the cap when they adapt) and the
+    target: a number, or for "auto" the least it can be (the rest comes from the
+    inputs' spectra), exact for inputs whose rounding floor is always far below it."""
+
+    svd: str
+    tolerance: str | float | None
+    width: int | None
+    power_iters: int | None
+    target: float | None
+    target_is_least: bool = False
+
+    def describe(self) -> str:
+        if self.svd == "exact":
+            return "exact SVD"
+        if self.tolerance is None:
+            return f"l={self.width} q={self.power_iters} (fixed)"
+        target = f"{'>=' if self.target_is_least else ''}{100 * self.target:.3g}%"
+        return f"l={self.width} q<={self.power_iters} target {target}"
+
+
 class OutputRounding:
     """||round_out(merged) - merged|| / ||lam * update|| measured on every s-th row of
     the matrix (s = ceil(m / ROUNDING_SAMPLE_ROWS)), from the factors the merge used:

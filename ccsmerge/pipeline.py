@@ -91,6 +91,7 @@ class _Pipeline:
         self.current: str | None = None  # the tensor being merged
         self.merged = 0
         self.noted: list = []  # the accuracy entries of the tensor being merged
+        self.recorded = any(t.accuracy is not None for t in plan.tensors)  # a method with a low-rank step
 
     # Queue operations that give up once another thread has failed.
     def put(self, q: queue.Queue, item) -> None:
@@ -154,8 +155,8 @@ class _Pipeline:
                     recorded.extend(entries)
                     del chunk
                     if writer.complete:
-                        # the record first: a shard with its final name always has one
-                        write_shard_record(self.folder, index, len(shards), recorded)
+                        if self.recorded:  # the record first: a shard with its final name always has one
+                            write_shard_record(self.folder, index, len(shards), recorded)
                         writer.close()
                         writer = None
                 if release:

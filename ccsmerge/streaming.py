@@ -271,17 +271,20 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
         # keeps the finished shards for `resume`.
         coordinator.agree(stream)
 
-        def finish() -> dict:  # on rank 0 only
+        def finish() -> dict | None:  # on rank 0 only
             shards = prepared.plan.shards
-            entries, missing = accuracy_record.assemble(folder.partial, len(shards))
-            found = accuracy_record.write_record(folder.partial, entries, missing)
-            write_index(folder.partial, shards, {"ccsmerge_version": __version__, "ccsmerge_accuracy": found})
+            metadata, found = {"ccsmerge_version": __version__}, None
+            if any(t.accuracy is not None for t in prepared.plan.tensors):  # a method with a low-rank step
+                entries, missing = accuracy_record.assemble(folder.partial, len(shards))
+                found = accuracy_record.write_record(folder.partial, entries, missing)
+                metadata["ccsmerge_accuracy"] = found
+            write_index(folder.partial, shards, metadata)
             folder.publish(aux)
             accuracy_record.remove_shard_records(out)
             return found
 
         found = coordinator.agree(finish, on_rank=0)[0]
-    if progress and coordinator.rank == 0:
+    if progress and coordinator.rank == 0 and found is not None:
         for line in accuracy_record.summary_lines(found):
             print(line, file=sys.stderr)
     return out

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from .. import accuracy_record, kernels
+from ..accuracy import AUTO_MIN_TARGET
 from ..errors import MergeError
 from ..lowrank import adaptive_randomized_svd_over_rows, centered_exact_svd, randomized_svd_over_rows, sketch_width
 from ..numerics import all_finite, compute_dtype, nonfinite_input, tensor_seed
@@ -220,6 +221,23 @@ def _check(cfg) -> None:
         raise ValueError("with a tolerance, power_iters caps the adaptive iterations: give at least 1")
 
 
+def planned_accuracy(job):
+    """The plan's statement of a low-rank job (a stack: of each slice)."""
+    cfg = job.cfg
+    if cfg.svd == "exact":
+        return accuracy_record.Planned("exact", None, None, None, None)
+    matrix = dataclasses.replace(job, shape=tuple(job.shape[-2:]))
+    width, iters = _width(matrix), power_iters_for(cfg)
+    if not adaptive(cfg):
+        return accuracy_record.Planned("randomized", None, width, iters, None)
+    if cfg.tolerance != "auto":
+        return accuracy_record.Planned("randomized", cfg.tolerance, width, iters, cfg.tolerance)
+    # float32 and float64 inputs: a floor of ~1e-5 or none, so auto's target is its least.
+    floor_far_below = job.dtype not in (torch.bfloat16, torch.float16)
+    return accuracy_record.Planned("randomized", "auto", width, iters, AUTO_MIN_TARGET,
+                                   target_is_least=not floor_far_below)
+
+
 def with_rank(job, rank: int):
     return dataclasses.replace(job, rank=rank)
 
@@ -236,5 +254,6 @@ METHODS = (
         treatments={"low-rank": LOWRANK, STACKED_LOWRANK.name: STACKED_LOWRANK, "average": AVERAGE},
         search_axis="rank_ratio",
         extra_checks=_check,
+        planned_accuracy=planned_accuracy,
     ),
 )

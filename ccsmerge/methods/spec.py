@@ -119,6 +119,8 @@ class MethodSpec:
     search_axis: str | None = None  # the grid axis search() offers besides lam
     search_updates: Callable | None = None  # (models, base, names, values, cfg, device) -> iterator; None: generic
     extra_checks: Callable[[Any], None] | None = None  # cross-option validation (raises ValueError)
+    # What the plan states about a low-rank job's accuracy (ccsmerge.accuracy_record.Planned), or None.
+    planned_accuracy: Callable[[TensorJob], Any] | None = None
     notes: dict[str, str] = field(default_factory=dict)
     # mergekit's defaults where they differ from ccsmerge's: what a recipe's
     # absent parameters take (a recipe means what mergekit makes of it).
