@@ -6,7 +6,7 @@ output dtype's rounding relative to the update.
 The engine notes one `TensorAccuracy` per matrix (a stack of experts: one per
 slice) into the record active in the calling thread (`collecting`); the
 streaming pipeline carries them to the writer with the tensor's bytes, the
-in-memory merge attaches them to its result. Recording reads what the merge
+in-memory merge hands them to the caller's list (merge(..., record=[])). Recording reads what the merge
 computed and a few sampled rows: the merged bytes do not depend on it."""
 
 from __future__ import annotations
@@ -68,15 +68,35 @@ class TensorAccuracy:
 _ACTIVE: contextvars.ContextVar[list | None] = contextvars.ContextVar("ccsmerge_accuracy", default=None)
 
 
+_DEFER: contextvars.ContextVar[bool] = contextvars.ContextVar("ccsmerge_accuracy_defer", default=False)
+
+
 @contextlib.contextmanager
-def collecting() -> Iterator[list[TensorAccuracy]]:
-    """Notes made in this context (this thread) go into the list it yields."""
+def collecting(defer_warnings: bool = False) -> Iterator[list[TensorAccuracy]]:
+    """Notes made in this context (this thread) go into the list it yields;
+    defer_warnings: the engine does not warn per matrix at the cap, the caller
+    warns once for all of them (a streaming merge, at its end)."""
     entries: list[TensorAccuracy] = []
-    token = _ACTIVE.set(entries)
+    token, defer = _ACTIVE.set(entries), _DEFER.set(defer_warnings)
     try:
         yield entries
     finally:
         _ACTIVE.reset(token)
+        _DEFER.reset(defer)
+
+
+def deferring() -> bool:
+    return _DEFER.get()
+
+
+def cap_warning(found: dict) -> str | None:
+    """One line naming the matrices stopped at the cap above their target."""
+    count = found.get("reached_cap", 0)
+    if not count:
+        return None
+    names = ", ".join(f"'{n}'" for n in found["reached_cap_names"]) + (", ..." if count > 10 else "")
+    return (f"{count} matrices stopped at the power-iteration cap above their target ({names}; "
+            f"{ACCURACY_FILE} has each estimate); raise power_iters or oversample, or use svd='exact'")
 
 
 def note(entry: TensorAccuracy) -> None:
@@ -285,13 +305,3 @@ def read_accuracy(folder: str | Path) -> list[TensorAccuracy]:
     """The per-matrix record of a merged folder (its ccsmerge-accuracy.json)."""
     data = json.loads((Path(folder) / ACCURACY_FILE).read_text())
     return [TensorAccuracy.from_json(t) for t in data["tensors"]]
-
-
-class MergedStateDict(dict):
-    """ccsmerge.merge's result: name -> tensor, with `.accuracy`, the record of every
-    low-rank matrix (a list of TensorAccuracy), and `.accuracy_summary()`."""
-
-    accuracy: list[TensorAccuracy]
-
-    def accuracy_summary(self) -> dict:
-        return summary(self.accuracy)

@@ -161,6 +161,7 @@ def adaptive_randomized_svd_over_rows(
     storage_dtype: torch.dtype,
     name: str,
     first_pass: Callable[[list[torch.Tensor], torch.Tensor | None], None] | None = None,
+    warn_at_cap: bool = True,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SketchReport]:
     """randomized_svd_over_rows with as many power iterations as the target needs
     (accuracy.resolve_target of tolerance), at most max_power_iters, with a warning
@@ -222,7 +223,7 @@ def adaptive_randomized_svd_over_rows(
         bt = passes.transposed_product(q)
         iters += 1
     capped = estimate > target
-    if capped:
+    if capped and warn_at_cap:
         warnings.warn(
             f"tensor '{name}': {iters} power iterations (the cap) leave an estimated update error of "
             f"{estimate:.2%}, above the target {target:.2%}; raise power_iters or oversample, or use svd='exact'"

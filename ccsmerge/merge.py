@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import pydantic
 import torch
 
-from .accuracy_record import MergedStateDict, collecting
+from .accuracy_record import collecting
 from .config import MergeConfig, valid_options
 from .devices import parse_device
 from .errors import MergeError
@@ -113,7 +113,10 @@ def validate_models(models: Sequence[StateDict], base: StateDict | None, cfg: Me
     return names
 
 
-def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | None = None, **options) -> dict[str, torch.Tensor]:
+def merge(
+    models: Sequence[StateDict], method: str = "cart", base: StateDict | None = None, *,
+    record: list | None = None, **options,
+) -> dict[str, torch.Tensor]:
     """Merge T state dicts of one architecture into one.
 
     `method` is any name in ccsmerge.methods.REGISTRY (see the README's method
@@ -130,9 +133,9 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     a tuple of one value per model; any option may be a ccsmerge.Filtered or
     ccsmerge.Gradient (values by tensor name or over the layers, as mergekit
     recipes give them).
-    Returns name -> tensor in each input's dtype and device (a dict whose
-    `.accuracy` lists the accuracy record of every low-rank matrix,
-    ccsmerge.accuracy_record.TensorAccuracy, and `.accuracy_summary()` sums it up); raises MergeError
+    record: a list that receives the accuracy record of every low-rank matrix
+    (ccsmerge.accuracy_record.TensorAccuracy; accuracy_record.summary sums it up).
+    Returns name -> tensor in each input's dtype and device; raises MergeError
     on bad input before returning anything, NaN/Inf inputs included unless
     allow_nonfinite (then they propagate elementwise, and CART merges a matrix
     holding them as the plain average, with a warning)."""
@@ -145,13 +148,14 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     names = validate_models(models, base, cfg)
     compute_device = resolve_device(cfg.device)
     config_of = resolver(cfg, names, len(models))
-    merged = MergedStateDict()
-    with full_precision_matmuls(), collecting() as record:
+    merged: dict[str, torch.Tensor] = {}
+    with full_precision_matmuls(), collecting() as noted:
         for name in names:
             xs = [sd[name] for sd in models]
             job = decide(name, tuple(xs[0].shape), xs[0].dtype, config_of(name), len(xs))
             merged[name] = merge_whole(job, xs, base[name] if base is not None else None, compute_device)
-    merged.accuracy = record
+    if record is not None:
+        record.extend(noted)
     return merged
 
 

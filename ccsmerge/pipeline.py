@@ -213,7 +213,7 @@ class _Pipeline:
         writer.start()
         process = psutil.Process()
         try:
-            with collecting() as self.noted:  # what the engine notes per matrix, sent on with the bytes
+            with collecting(defer_warnings=True) as self.noted:  # what the engine notes per matrix, sent on with the bytes
                 self._merge_all(process)
             self.put(self.to_write, None)
             writer.join()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,9 +285,13 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
             return found
 
         found = coordinator.agree(finish, on_rank=0)[0]
-    if progress and coordinator.rank == 0 and found is not None:
-        for line in accuracy_record.summary_lines(found):
-            print(line, file=sys.stderr)
+    if coordinator.rank == 0 and found is not None:
+        if progress:
+            for line in accuracy_record.summary_lines(found):
+                print(line, file=sys.stderr)
+        capped = accuracy_record.cap_warning(found)
+        if capped is not None:
+            warnings.warn(capped, stacklevel=2)
     return out
 
 

@@ -83,7 +83,7 @@ def factors_and_accuracy(job, rows, spans, device, first_pass=None):
             rows, job.shape, spans, k, oversample=oversample_for(cfg, k), tolerance=cfg.tolerance,
             max_power_iters=power_iters_for(cfg), seed=tensor_seed(cfg.seed, job.name),
             dtype=compute_dtype(job.dtype), device=device, storage_dtype=job.dtype, name=job.name,
-            first_pass=first_pass,
+            first_pass=first_pass, warn_at_cap=not accuracy_record.deferring(),
         )
         entry.update(power_iters=report.power_iters, width=report.width, estimated_error=report.estimated_error,
                      target=report.target, rounding_floor=report.rounding_floor, reached_cap=report.reached_cap)
