@@ -147,7 +147,7 @@ class _RowPasses:
 class SketchReport:
     """What an adaptive randomized SVD did for one tensor: power iterations run, sketch
     width, the estimated relative error of the update sum_t U_t S_t Vh_t, the target it
-    aimed at, the estimated rounding floor of the inputs (None for an explicit target),
+    aimed at, the estimated rounding floor of the inputs (what "auto" aims below),
     whether it stopped at the cap above the target, and whether the passes after the
     first ran in low precision (fast_arithmetic)."""
 
@@ -155,7 +155,7 @@ class SketchReport:
     width: int
     estimated_error: float
     target: float
-    rounding_floor: float | None
+    rounding_floor: float
     reached_cap: bool
     fast_products: bool = False
 
@@ -176,6 +176,7 @@ def adaptive_randomized_svd_over_rows(
     name: str,
     first_pass: Callable[[list[torch.Tensor], torch.Tensor | None], None] | None = None,
     fast: bool = True,
+    warn_at_cap: bool = True,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SketchReport]:
     """randomized_svd_over_rows with as many power iterations as the target needs
     (accuracy.resolve_target of tolerance), at most max_power_iters, with a warning
@@ -233,10 +234,8 @@ def adaptive_randomized_svd_over_rows(
         estimate += accuracy.ARITHMETIC_MARGIN * accuracy.rounding_floor(
             spectra, k, shape, arithmetic_noise, monitor.update_norm
         ) + arithmetic_floor
-        floor = None
-        if tolerance == "auto":
-            floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
-        target = accuracy.resolve_target(tolerance, floor or 0.0)
+        floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
+        target = accuracy.resolve_target(tolerance, floor)
         if estimate <= target or iters == max_power_iters:
             break
         if fast_candidate and iters == 0:
@@ -253,7 +252,7 @@ def adaptive_randomized_svd_over_rows(
         bt = passes.transposed_product(q)
         iters += 1
     capped = estimate > target
-    if capped:
+    if capped and warn_at_cap:
         warnings.warn(
             f"tensor '{name}': {iters} power iterations (the cap) leave an estimated update error of "
             f"{estimate:.2%}, above the target {target:.2%}; raise power_iters or oversample, or use svd='exact'"
