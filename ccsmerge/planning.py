@@ -318,6 +318,8 @@ def make_plan(
         if adapted:
             job = decide(name, info.shape, info.dtype, config_of(name), T, tensor_out if info.dtype.is_floating_point else None)
             planned = plan_adapted(job, models, base, budget)
+        if planned is None and adapted and info.dtype.is_floating_point:
+            _check_dense_with_adapters(job, models)
         if planned is None:
             planned = plan_tensor(
                 name, info.shape, info.dtype, config_of(name), T, base is not None, budget, tensor_out,
@@ -331,6 +333,19 @@ def make_plan(
     shards = plan_shards([t.output for t in tensors], shard_bytes)
     device = "cpu" if gpu_budget is None else "cuda"
     return MergePlan(tensors, shards, budget, T, base is not None, per_pass, device, gpu_budget, reserved)
+
+
+def _check_dense_with_adapters(job: TensorJob, models) -> None:
+    """Refuse a method that takes each task vector's singular vectors on dense task
+    vectors of adapters: beyond an adapter's rank (all of them where it leaves the
+    tensor alone) they are arbitrary, and the result with them."""
+    if treatment_of(job).per_task_spectra:
+        raise MergeError(
+            f"tensor '{job.name}': {job.cfg.method} needs each task vector's singular vectors, and on a LoRA "
+            "adapter's dense task vector (as here: a full fine-tune among the inputs, or a tensor an adapter "
+            "saves whole) those beyond its rank are arbitrary; merge the adapters alone (exact, from their "
+            "factors), or use cart, iso_c or a method without per-task SVDs"
+        )
 
 
 def adapted_path(name: str, job: TensorJob, models) -> str:

@@ -105,6 +105,9 @@ class Treatment:
     # Whether inputs all equal to the base merge to the base (then adapters that all
     # leave a tensor alone give the base's tensor, copied).
     keeps_equal: Callable[[Any], bool] = lambda cfg: True
+    # Takes each task vector's own singular vectors (TSV-M, Iso-CTS): on a LoRA
+    # adapter's dense task vector (zero, or of rank r_t) those beyond r_t are arbitrary.
+    per_task_spectra: bool = False
 
 
 @dataclass(frozen=True)

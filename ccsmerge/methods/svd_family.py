@@ -132,7 +132,8 @@ def _family_rule(treatment: str, rank):
 
 
 def _family(name, title, summary, reference, treatment, whole, factored, params, rank, search_axis=None):
-    matrix = Treatment(treatment, whole, None, WHOLE_MATRIX_COST, factored=factored)
+    matrix = Treatment(treatment, whole, None, WHOLE_MATRIX_COST, factored=factored,
+                       per_task_spectra=treatment in ("tsv-m", "iso-cts"))
     per_slice = stacked(matrix)
     return MethodSpec(
         name=name,
