@@ -196,9 +196,9 @@ class _Pipeline:
                     return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
 
             for chunk in merge_adapted(t.job, t.path, deltas, base_rows, spans, self.device, t.job.cfg.allow_nonfinite):
-                self.put(self.to_write, (t.name, chunk, 0))
+                self.put(self.to_write, (t.name, chunk, 0, drain(self.noted)))
             self.gpu.release(held_gpu)
-            self.put(self.to_write, (None, None, held))
+            self.put(self.to_write, (None, None, held, []))
             return
         if t.block_rows is None:
             xs, base_tensor = self.staging.use(staged)
