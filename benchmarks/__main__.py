@@ -70,6 +70,9 @@ def steps(args) -> list[tuple[str, list[str], str]]:
     if mk:
         size = [] if args.full else ["--hidden", "512", "--layers", "4", "--models", "3", "--rounds", "1"]
         plan.append(("Against mergekit", [mk, "vs_mergekit.py", "--out", out, *size], "vs_mergekit.md"))
+    plan.append(("Precision-aware CART: speed at the accuracy target",
+                 [py, "precision_speed.py", "--out", out, *quick],
+                 "precision-speed-quick.md" if not args.full else "precision-speed-4096.md"))
     if args.full:
         plan.append(("CART speed against accuracy", [py, "cart_tradeoff.py", "--out", out], "cart_tradeoff.md"))
         plan.append(("Distributed merges", [py, "distributed.py", "--out", out], "distributed.md"))
@@ -132,6 +135,28 @@ def cart_goals(engine: dict) -> list[tuple[str, str, str]]:
             out.append((f"(for reference) whole CART at T = {other['T']}",
                         f"merge defaults {x['median']:.1f}× the official-style speed"
                         + (f", update {err:.2%} from the official-style one" if err is not None else ""), "—"))
+    return out
+
+
+def precision_goals(precision: dict) -> list[tuple[str, str, str]]:
+    """The precision-aware CART goals (precision_speed.py): bf16 inputs with tolerance auto at an
+    update error within the bf16 rounding floor (>= 20x), fp32 inputs with tolerance 0.01 (>= 10x)."""
+    out = []
+    for r in precision["results"]:
+        where = f"one {r['m']}² weight, rank 8 %, T = {r['T']}" + ("" if r["m"] == 4096 else " (4096² in --full)")
+        for row in r["rows"]:
+            if row["variant"] != "fast arithmetic":
+                continue
+            bf16 = row["inputs"] == "bf16"
+            bound = r["bf16_rounding_floor"] if bf16 else 0.01
+            target = 20 if bf16 else 10
+            met = row["speedup"]["median"] >= target and row["update_error"] <= bound
+            goal = (f"CART, bf16 inputs, tolerance auto: ≥ {target}× the official-style code at an update error "
+                    "≤ the exact update's own change under bf16 rounding" if bf16 else
+                    f"CART, fp32 inputs, tolerance 0.01: ≥ {target}× the official-style code")
+            out.append((goal, (f"{where}: {row['speedup']['median']:.1f}× at {row['update_error']:.2%} "
+                               f"(floor {r['bf16_rounding_floor']:.1%}; {'bf16' if row['fast_products'] else 'fp32'} "
+                               f"products, {row['power_iters']} power iterations)"), "yes" if met else "no"))
     return out
 
 
@@ -214,6 +239,9 @@ def goals(out: Path, device: str, preset: str, mergekit_ran: bool) -> list[tuple
     else:
         rows.append(("streaming average / task arithmetic: no slower than mergekit",
                      "not run: mergekit is not importable here (pass --mergekit-python)", "—"))
+    precision = load(out / f"precision-speed-{'4096' if preset == 'full' else 'quick'}.json")
+    if precision:
+        rows += precision_goals(precision)
     tradeoff = load(out / "cart_tradeoff.json")
     if tradeoff:
         rows.append(tradeoff_goal(tradeoff))

@@ -300,6 +300,7 @@ def input_flags(args: argparse.Namespace) -> dict:
 def print_plan(plan) -> None:
     on_gpu = plan.gpu_budget is not None
     adapted = any(t.path != "dense" for t in plan.tensors)
+    with_accuracy = any(t.accuracy is not None for t in plan.tensors)
     rows = []
     for t in plan.tensors:
         how = "whole" if t.block_rows is None else f"{t.block_rows}-row blocks, {t.passes} passes"
@@ -307,12 +308,15 @@ def print_plan(plan) -> None:
         if t.out_dtype != t.dtype:
             dtype += "->" + str(t.out_dtype).replace("torch.", "")
         policy = f"{t.policy} k={t.rank}" if t.policy.endswith("low-rank") else t.policy
+        planned = t.accuracy
         row = (t.name, "x".join(map(str, t.shape)) or "scalar", dtype, policy, t.rule, how, format_size(t.memory))
         if adapted:
             row = row[:4] + (t.path if t.update_rank is None else f"{t.path} R={t.update_rank}",) + row[4:]
+        row += (planned.describe() if planned is not None else "",) if with_accuracy else ()
         rows.append(row + ((format_size(t.device_memory or 0),) if on_gpu else ()))
     header = ("tensor", "shape", "dtype", "policy") + (("path",) if adapted else ())
-    header += ("decided by", "merged", "memory") + (("GPU memory",) if on_gpu else ())
+    header += ("decided by", "merged", "memory")
+    header += (("accuracy",) if with_accuracy else ()) + (("GPU memory",) if on_gpu else ())
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -336,7 +340,24 @@ def print_plan(plan) -> None:
             "of pinned staging buffers"
         )
     print(f"reads {format_size(plan.read_bytes)}, writes {format_size(plan.write_bytes)} in {len(plan.shards)} shards")
+    if with_accuracy:
+        print(planned_accuracy_line(plan))
     sys.stdout.flush()  # a closed pipe shows here, inside main's handler, not at exit
+
+
+def planned_accuracy_line(plan) -> str:
+    """What the accuracy column means, once: l the sketch width, q the power iterations."""
+    planned = [t.accuracy for t in plan.tensors if t.accuracy is not None]
+    tolerances = {p.tolerance for p in planned if p.svd != "exact"}
+    what = "accuracy: l = sketch width, q = power iterations"
+    if "auto" in tolerances:
+        what += (
+            "; tolerance auto: per matrix a quarter of the inputs' rounding floor (estimated from the sketch's "
+            "spectrum), at least 1 %; iterations stop once the estimated error is below it"
+        )
+    elif tolerances - {None}:
+        what += "; iterations stop once the estimated error is below the target"
+    return what + "; the merge records what each matrix reached in ccsmerge-accuracy.json"
 
 
 def main(argv: list[str] | None = None) -> int:

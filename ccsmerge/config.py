@@ -87,7 +87,7 @@ class _Schema(BaseModel):
         spec = REGISTRY.get(method) if isinstance(method, str) else None
         if spec is None:
             return data  # the method field reports it
-        data = {k: v for k, v in data.items() if not (k in METHOD_PARAMS and v is None)}
+        data = {k: v for k, v in data.items() if not (k in METHOD_PARAMS and v is None and not _none_kept(k, spec))}
         foreign = [k for k in data if k in METHOD_PARAMS and k not in spec.param_names]
         if foreign:
             takes = ", ".join(spec.param_names) or "none besides " + ", ".join(p.name for p in COMMON_PARAMS)
@@ -139,6 +139,11 @@ class _Schema(BaseModel):
     @property
     def spec(self):
         return REGISTRY[self.method]
+
+
+def _none_kept(name: str, spec) -> bool:
+    p = spec.param(name)
+    return p is not None and p.none_is_value
 
 
 def _fields() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import accuracy, kernels
+from . import accuracy, fast_arithmetic, kernels
 from .numerics import compute_dtype
 
 
@@ -99,11 +99,23 @@ def randomized_svd_over_rows(
 
 class _RowPasses:
     """The blocked algorithm's two products: orth(D rhs), assembled block by block,
-    and D^T q, summed over row blocks."""
+    and D^T q, summed over row blocks. With fast set, the products run in the device's
+    low precision (fast_arithmetic.centered_product) and the bases come from CholeskyQR;
+    otherwise they are the compiled kernels' float32 (or float64) products and QR."""
 
     def __init__(self, rows: CenteredRows, blocks, m: int, width: int, dtype, device):
         self.rows, self.blocks, self.m, self.width, self.dtype, self.device = rows, blocks, m, width, dtype, device
         self.whole = blocks == [(0, m)]
+        self.fast = False
+        self.sketch_energy = 0.0  # ||D_t Omega||_F^2 summed over t, from the first range basis
+
+    def _product(self, xs, center, rhs, transpose=False):
+        if self.fast:
+            return fast_arithmetic.centered_product(xs, center, rhs, transpose)
+        return kernels.centered_matmul(xs, center, rhs, transpose)
+
+    def orthonormalize_rhs(self, bt):  # the next right-hand side: only its span matters
+        return fast_arithmetic.basis(bt, rounds=1) if self.fast else kernels.orthonormalize(bt)
 
     def range_basis(self, rhs, check=None):  # orth(D rhs)
         y = None
@@ -111,22 +123,22 @@ class _RowPasses:
             xs, center = self.rows(start, stop)
             if check is not None:
                 check(xs, center)
-            part = kernels.centered_matmul(xs, center, rhs)
+            part = self._product(xs, center, rhs)
             if self.whole:
                 y = part
                 break
             if y is None:
                 y = torch.empty((part.shape[0], self.m, self.width), dtype=self.dtype, device=self.device)
             y[:, start:stop] = part
-        return kernels.orthonormalize(y)
+        if check is not None:
+            self.sketch_energy = float(torch.linalg.vector_norm(y)) ** 2
+        return fast_arithmetic.basis(y, rounds=2) if self.fast else kernels.orthonormalize(y)
 
     def transposed_product(self, q):  # D^T q, summed over row blocks
         total = None
         for start, stop in self.blocks:
             xs, center = self.rows(start, stop)
-            part = kernels.centered_matmul(
-                xs, center, q if self.whole else q[:, start:stop].contiguous(), transpose=True
-            )
+            part = self._product(xs, center, q if self.whole else q[:, start:stop].contiguous(), transpose=True)
             total = part if total is None else total.add_(part)
         return total
 
@@ -135,15 +147,17 @@ class _RowPasses:
 class SketchReport:
     """What an adaptive randomized SVD did for one tensor: power iterations run, sketch
     width, the estimated relative error of the update sum_t U_t S_t Vh_t, the target it
-    aimed at, the estimated rounding floor of the inputs (None for an explicit target),
-    and whether it stopped at the cap above the target."""
+    aimed at, the estimated rounding floor of the inputs (what "auto" aims below),
+    whether it stopped at the cap above the target, and whether the passes after the
+    first ran in low precision (fast_arithmetic)."""
 
     power_iters: int
     width: int
     estimated_error: float
     target: float
-    rounding_floor: float | None
+    rounding_floor: float
     reached_cap: bool
+    fast_products: bool = False
 
 
 def adaptive_randomized_svd_over_rows(
@@ -161,6 +175,8 @@ def adaptive_randomized_svd_over_rows(
     storage_dtype: torch.dtype,
     name: str,
     first_pass: Callable[[list[torch.Tensor], torch.Tensor | None], None] | None = None,
+    fast: bool = True,
+    warn_at_cap: bool = True,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SketchReport]:
     """randomized_svd_over_rows with as many power iterations as the target needs
     (accuracy.resolve_target of tolerance), at most max_power_iters, with a warning
@@ -170,7 +186,12 @@ def adaptive_randomized_svd_over_rows(
     probe of g = 16 columns (O(T (m + n) l (l + g))), so the estimate needs no extra
     pass over the inputs: it is computed from the sketch the blocked algorithm
     already holds (Q whole, D^T Q summed over blocks). The rounding floor's noise
-    level comes from the center's norm, summed in the first pass."""
+    level comes from the center's norm, summed in the first pass.
+
+    fast: after the first iterate (always float32), the remaining passes use the device's
+    low-precision products (fast_arithmetic) when their own rounding floor, at
+    accuracy.FAST_MARGIN times its first-order estimate, takes at most
+    accuracy.FAST_SHARE of the target; the estimate then carries that term."""
     m, n = shape
     _check_rank(k, m, n)
     accuracy.check_tolerance(tolerance)
@@ -201,35 +222,42 @@ def adaptive_randomized_svd_over_rows(
     # bounds how close any iterate gets to the exact update: it enters like a rounding
     # of the inputs to the compute dtype.
     arithmetic_noise = accuracy.rounding_noise(dtype, weights_rms, energy[2])
+    # E ||D_t Omega||_F^2 = l ||D_t||_F^2: the centered matrices' RMS, for the fast products' noise
+    centered_rms = math.sqrt(passes.sketch_energy / (width * energy[2] * m * n)) if energy[2] else 0.0
+    fast_candidate = fast and fast_arithmetic.available(device, dtype)
+    fast_floor = 0.0
     iters = 0
     while True:
         factors, spectra = _top_triplets_and_spectra(q, bt, k)
-        estimate = monitor.observe(factors, spectra)
+        arithmetic_floor = accuracy.FAST_MARGIN * fast_floor if passes.fast else 0.0
+        estimate = monitor.observe(factors, spectra, noise_level=arithmetic_floor)
         estimate += accuracy.ARITHMETIC_MARGIN * accuracy.rounding_floor(
             spectra, k, shape, arithmetic_noise, monitor.update_norm
-        )
-        floor = None
-        if tolerance == "auto":
-            floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
-        target = accuracy.resolve_target(tolerance, floor or 0.0)
+        ) + arithmetic_floor
+        floor = accuracy.rounding_floor(spectra, k, shape, noise, monitor.update_norm)
+        target = accuracy.resolve_target(tolerance, floor)
         if estimate <= target or iters == max_power_iters:
             break
+        if fast_candidate and iters == 0:
+            fast_noise = fast_arithmetic.product_noise(device, centered_rms)
+            fast_floor = accuracy.rounding_floor(spectra, k, shape, fast_noise, monitor.update_norm)
+            passes.fast = accuracy.FAST_MARGIN * fast_floor <= accuracy.FAST_SHARE * target
         # What stays alive is what the fixed algorithm holds: one set of factors (at the
         # end), and not the previous D^T Q while the next basis is formed.
         del factors, spectra
-        rhs = kernels.orthonormalize(bt)
+        rhs = passes.orthonormalize_rhs(bt)
         del bt
         q = passes.range_basis(rhs)
         del rhs
         bt = passes.transposed_product(q)
         iters += 1
     capped = estimate > target
-    if capped:
+    if capped and warn_at_cap:
         warnings.warn(
             f"tensor '{name}': {iters} power iterations (the cap) leave an estimated update error of "
             f"{estimate:.2%}, above the target {target:.2%}; raise power_iters or oversample, or use svd='exact'"
         )
-    return factors, SketchReport(iters, width, estimate, target, floor, capped)
+    return factors, SketchReport(iters, width, estimate, target, floor, capped, passes.fast)
 
 
 def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

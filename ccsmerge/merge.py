@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import pydantic
 import torch
 
+from .accuracy_record import collecting
 from .config import MergeConfig, valid_options
 from .devices import parse_device
 from .errors import MergeError
@@ -112,7 +113,10 @@ def validate_models(models: Sequence[StateDict], base: StateDict | None, cfg: Me
     return names
 
 
-def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | None = None, **options) -> dict[str, torch.Tensor]:
+def merge(
+    models: Sequence[StateDict], method: str = "cart", base: StateDict | None = None, *,
+    record: list | None = None, **options,
+) -> dict[str, torch.Tensor]:
     """Merge T state dicts of one architecture into one.
 
     `method` is any name in ccsmerge.methods.REGISTRY (see the README's method
@@ -129,6 +133,8 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     a tuple of one value per model; any option may be a ccsmerge.Filtered or
     ccsmerge.Gradient (values by tensor name or over the layers, as mergekit
     recipes give them).
+    record: a list that receives the accuracy record of every low-rank matrix
+    (ccsmerge.accuracy_record.TensorAccuracy; accuracy_record.summary sums it up).
     Returns name -> tensor in each input's dtype and device; raises MergeError
     on bad input before returning anything, NaN/Inf inputs included unless
     allow_nonfinite (then they propagate elementwise, and CART merges a matrix
@@ -143,11 +149,13 @@ def merge(models: Sequence[StateDict], method: str = "cart", base: StateDict | N
     compute_device = resolve_device(cfg.device)
     config_of = resolver(cfg, names, len(models))
     merged: dict[str, torch.Tensor] = {}
-    with full_precision_matmuls():
+    with full_precision_matmuls(), collecting() as noted:
         for name in names:
             xs = [sd[name] for sd in models]
             job = decide(name, tuple(xs[0].shape), xs[0].dtype, config_of(name), len(xs))
             merged[name] = merge_whole(job, xs, base[name] if base is not None else None, compute_device)
+    if record is not None:
+        record.extend(noted)
     return merged
 
 

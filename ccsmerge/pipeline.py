@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from .errors import MergeError, MergeInterrupted, Terminated
+from .accuracy_record import collecting, drain, write_shard_record
 from .execute import merge_adapted, merge_rows, merge_whole
 from .numerics import row_blocks
 from .planning import DEVICE_RESERVE, TensorPlan
@@ -90,6 +91,8 @@ class _Pipeline:
         self.errors: list[BaseException] = []
         self.current: str | None = None  # the tensor being merged
         self.merged = 0
+        self.noted: list = []  # the accuracy entries of the tensor being merged
+        self.recorded = any(t.accuracy is not None for t in plan.tensors)  # a method with a low-rank step
 
     # Queue operations that give up once another thread has failed.
     def put(self, q: queue.Queue, item) -> None:
@@ -141,20 +144,25 @@ class _Pipeline:
     def write(self) -> None:
         shards = self.p.plan.shards
         writer: ShardWriter | None = None
+        recorded: list = []
         try:
             while True:
                 item = self.get(self.to_write)
                 if item is None:
                     return
-                name, chunk, release = item
+                name, chunk, release, entries = item
                 if name is not None:
                     index = self.shard_of[name]
                     if writer is None:
                         path = self.folder / shard_filename(index, len(shards))
                         writer = ShardWriter(path, shards[index], self.p.metadata)
+                        recorded = []
                     writer.write(name, chunk)
+                    recorded.extend(entries)
                     del chunk
                     if writer.complete:
+                        if self.recorded:  # the record first: a shard with its final name always has one
+                            write_shard_record(self.folder, index, len(shards), recorded)
                         writer.close()
                         writer = None
                 if release:
@@ -188,9 +196,9 @@ class _Pipeline:
                     return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
 
             for chunk in merge_adapted(t.job, t.path, deltas, base_rows, spans, self.device, t.job.cfg.allow_nonfinite):
-                self.put(self.to_write, (t.name, chunk, 0))
+                self.put(self.to_write, (t.name, chunk, 0, drain(self.noted)))
             self.gpu.release(held_gpu)
-            self.put(self.to_write, (None, None, held))
+            self.put(self.to_write, (None, None, held, []))
             return
         if t.block_rows is None:
             xs, base_tensor = self.staging.use(staged)
@@ -202,7 +210,7 @@ class _Pipeline:
             self.gpu.release(held_gpu)
             keep = min(held, merged.nbytes)
             self.budget.release(held - keep)
-            self.put(self.to_write, (t.name, merged, keep))
+            self.put(self.to_write, (t.name, merged, keep, drain(self.noted)))
             return
 
         def rows(start: int, stop: int):
@@ -210,9 +218,9 @@ class _Pipeline:
             return xs, (base.read_rows(t.name, start, stop) if base else None)
 
         for chunk in merge_rows(t.job, rows, t.block_rows, self.device):
-            self.put(self.to_write, (t.name, chunk, 0))
+            self.put(self.to_write, (t.name, chunk, 0, drain(self.noted)))
         self.gpu.release(held_gpu)  # every block is back on the host
-        self.put(self.to_write, (None, None, held))  # the writer releases the budget once it has written all blocks
+        self.put(self.to_write, (None, None, held, []))  # the writer releases the budget once it has written all blocks
 
     def where_stopped(self, how: str = "interrupted") -> str:
         shards = len(self.p.plan.shards)
@@ -229,17 +237,8 @@ class _Pipeline:
         writer.start()
         process = psutil.Process()
         try:
-            for done, item in enumerate(iter(lambda: self.get(self.loaded), None), start=1):
-                t, staged, held = item
-                self.current = t.name
-                self.merge(t, staged, held)
-                self.merged = done
-                del item, staged
-                if self.bar is not None:
-                    self.bar.set_postfix_str(
-                        f"tensors {done}/{len(self.todo)} RSS {process.memory_info().rss / 1e9:.2f} GB", refresh=False
-                    )
-                    self.bar.update(self.p.plan.read_bytes_per_pass[t.name] * t.passes)
+            with collecting(defer_warnings=True) as self.noted:  # what the engine notes per matrix, sent on with the bytes
+                self._merge_all(process)
             self.put(self.to_write, None)
             writer.join()
         except BaseException as exc:  # noqa: BLE001 (any failure stops the other threads, then is raised)
@@ -254,6 +253,19 @@ class _Pipeline:
                     self.errors.append(exc)
         if self.errors:
             raise self.errors[0]
+
+    def _merge_all(self, process) -> None:
+        for done, item in enumerate(iter(lambda: self.get(self.loaded), None), start=1):
+            t, staged, held = item
+            self.current = t.name
+            self.merge(t, staged, held)
+            self.merged = done
+            del item, staged
+            if self.bar is not None:
+                self.bar.set_postfix_str(
+                    f"tensors {done}/{len(self.todo)} RSS {process.memory_info().rss / 1e9:.2f} GB", refresh=False
+                )
+                self.bar.update(self.p.plan.read_bytes_per_pass[t.name] * t.passes)
 
 
 def _name_inputs(message: str, name: str, prepared: PreparedMerge) -> str:

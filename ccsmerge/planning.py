@@ -71,6 +71,13 @@ class TensorPlan:
         return self.job.rule
 
     @property
+    def accuracy(self):
+        """What the method states of this matrix's accuracy before reading it
+        (ccsmerge.accuracy_record.Planned), or None (no low-rank step)."""
+        planned = self.job.cfg.spec.planned_accuracy
+        return planned(self.job) if planned is not None and self.rank is not None else None
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 

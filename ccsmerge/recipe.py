@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._version import __version__
+from .accuracy import OFF
 from .checkpoint import hub_id_hint, regular_file_problem
 from .config import COMMON_PARAMS, METHOD_PARAMS, METHODS, options_of, plain_validator
 from .errors import MergeError
@@ -395,6 +396,8 @@ def recipe_of(
         if p.per_model and isinstance(value, tuple) and p.type is not tuple:
             for entry, v in zip(own, value):
                 entry[key] = _recorded(v)
+        elif value is None and p.none_is_value:
+            shared[key] = OFF  # a recipe drops nulls: the value that means None is written
         else:
             shared[key] = _recorded(value)
     if cfg.allow_nonfinite:

@@ -12,6 +12,7 @@ merge, with identical bytes (the merge is deterministic)."""
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from . import accuracy_record
 from ._version import __version__
 from .adapters import LoraAdapter, is_adapter
 from .checkpoint import Checkpoint
@@ -303,11 +305,26 @@ def _merge_checkpoints(coordinator, models, out, method, base, options, *, overw
         # keeps the finished shards for `resume`.
         coordinator.agree(stream)
 
-        def finish() -> None:  # on rank 0 only
-            write_index(folder.partial, prepared.plan.shards, {"ccsmerge_version": __version__})
+        def finish() -> dict | None:  # on rank 0 only
+            shards = prepared.plan.shards
+            metadata, found = {"ccsmerge_version": __version__}, None
+            if any(t.accuracy is not None for t in prepared.plan.tensors):  # a method with a low-rank step
+                entries, missing = accuracy_record.assemble(folder.partial, len(shards))
+                found = accuracy_record.write_record(folder.partial, entries, missing)
+                metadata["ccsmerge_accuracy"] = found
+            write_index(folder.partial, shards, metadata)
             folder.publish(aux)
+            accuracy_record.remove_shard_records(out)
+            return found
 
-        coordinator.agree(finish, on_rank=0)
+        found = coordinator.agree(finish, on_rank=0)[0]
+    if coordinator.rank == 0 and found is not None:
+        if progress:
+            for line in accuracy_record.summary_lines(found):
+                print(line, file=sys.stderr)
+        capped = accuracy_record.cap_warning(found)
+        if capped is not None:
+            warnings.warn(capped, stacklevel=2)
     return out
 
 

@@ -120,6 +120,20 @@ def record_inputs(partial: Path, paths) -> None:
     record(partial, [Checkpoint(p) for p in paths])
 
 
+def copy_shard_records(merged: Path, partial: Path, shards) -> None:
+    """The accuracy records that an interrupted merge leaves beside its finished
+    shards, taken from a complete merge of the same inputs (merged)."""
+    from ccsmerge import accuracy_record
+
+    weight_map = index_of(merged)["weight_map"]
+    count = len(set(weight_map.values()))
+    entries = accuracy_record.read_accuracy(merged)
+    for shard in shards:
+        index = int(Path(shard).name.split("-")[1]) - 1
+        mine = [e for e in entries if weight_map.get(re.sub(r"\[\d+\]$", "", e.name)) == Path(shard).name]
+        accuracy_record.write_shard_record(partial, index, count, mine)
+
+
 def index_of(folder: Path) -> dict:
     return json.loads((folder / "model.safetensors.index.json").read_text())
 

@@ -5,7 +5,8 @@
   (from the full spectra; from the top 2k singular values, as the engine sees them,
   within [1/2, 2.5]).
 - The a-posteriori estimate against the true error of the randomized update (vs an
-  exact float64 reference on the same inputs): it never understates it by more than 2x.
+  exact float64 reference on the same inputs): an upper bound of it above 1e-4 (below,
+  the float32 arithmetic's level), on strengths 3 % and 1 % (bf16: a noise-flat tail).
 - The adaptive path: every iterate has the fixed algorithm's bytes, whole or in row
   blocks; merge(..., tolerance=0.01) is within 1 % of exact CART; the cap warns by name.
 
@@ -112,8 +113,9 @@ def test_rounding_level_is_scale_free():
 @pytest.mark.parametrize("kind", SPECTRA)
 @pytest.mark.parametrize("T", [3, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_estimate_never_understates_the_true_error_by_more_than_2x(kind, T, dtype):
-    xs = [x.to(dtype) for x in task_set(kind, T)]
+@pytest.mark.parametrize("strength", [0.03, 0.01])
+def test_estimate_is_an_upper_bound_of_the_true_error(kind, T, dtype, strength):
+    xs = [x.to(dtype) for x in task_set(kind, T, strength)]
     reference, _ = exact_update(xs)  # the exact update of these very inputs
     for oversample in (10, K):
         for cap in (1, 2, 4, 6):
@@ -122,7 +124,10 @@ def test_estimate_never_understates_the_true_error_by_more_than_2x(kind, T, dtyp
                 factors, report = adaptive(xs, oversample=oversample, tolerance=1e-9, cap=cap, storage=dtype)
             assert report.power_iters == cap
             true = rel(factors_update(factors), reference)
-            assert true <= 2 * report.estimated_error, (oversample, cap, true, report.estimated_error)
+            if true < 1e-4:  # the float32 arithmetic's own level: its margin is a model, not a bound
+                assert report.estimated_error <= 1e-2
+                continue
+            assert true <= report.estimated_error, (oversample, cap, true, report.estimated_error)
 
 
 @pytest.mark.parametrize("blocks", [None, [(0, 50), (50, 120), (120, M)]])
@@ -151,7 +156,7 @@ def test_adaptive_stops_at_the_target_and_is_deterministic():
     (factors, report), (again, _) = runs
     assert all(torch.equal(a, b) for a, b in zip(factors, again))
     assert not report.reached_cap and report.estimated_error <= 0.01 == report.target
-    assert report.rounding_floor is None
+    assert report.rounding_floor < 1e-4  # float32 inputs: far below the target
     assert rel(factors_update(factors), reference) <= 0.01
     # a looser target stops no later
     _, loose = adaptive(xs, oversample=K, tolerance=0.2, cap=8, storage=torch.float32)
@@ -202,12 +207,15 @@ def test_the_cap_warns_with_the_tensor_name():
         ccsmerge.merge(models, method="cart", tolerance=1e-4, power_iters=1, oversample=0)
 
 
-def test_without_tolerance_the_merge_is_todays():
-    """tolerance=None is the fixed default: 4 power iterations, oversample max(10, k)."""
+def test_without_tolerance_the_merge_is_the_fixed_algorithm():
+    """tolerance=None: 4 power iterations, oversample max(10, k); the default is "auto"."""
     models = _models(3)
-    default = ccsmerge.merge(models, method="cart")
-    fixed = ccsmerge.merge(models, method="cart", power_iters=4, oversample=max(10, K))
-    assert all(torch.equal(default[n], fixed[n]) for n in default)
+    fixed = ccsmerge.merge(models, method="cart", tolerance=None)
+    explicit = ccsmerge.merge(models, method="cart", tolerance=None, power_iters=4, oversample=max(10, K))
+    assert all(torch.equal(fixed[n], explicit[n]) for n in fixed)
+    record = []
+    ccsmerge.merge(models, method="cart", record=record)
+    assert [e.tolerance for e in record] == ["auto"]
 
 
 def test_tolerance_through_the_cli_and_a_recipe(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import record_inputs, toy_set, write_set
+from checkpoints import copy_shard_records, record_inputs, toy_set, write_set
 
 import ccsmerge
 from ccsmerge.distributed import assign_shards, shard_costs
@@ -90,6 +90,7 @@ def test_resume_across_ranks(inputs, single, tmp_path):
     kept = sorted(single.glob("model-*.safetensors"))[:2]
     for shard in kept:
         shutil.copy(shard, partial)
+    copy_shard_records(single, partial, kept)  # what the interrupted run left beside them
     inodes = {p.name: (partial / p.name).stat().st_ino for p in kept}
     result = torchrun(2, merge_args(paths, out, "--method", "cart", "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]

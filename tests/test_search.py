@@ -80,7 +80,14 @@ def test_cart_grid_computes_each_matrix_svd_once(monkeypatch):
         calls.append(k)
         return real(rows, shape, spans, k, **kw)
 
+    real_adaptive = lowrank.adaptive_randomized_svd_over_rows
+
+    def counting_adaptive(rows, shape, spans, k, **kw):  # tolerance="auto", the default
+        calls.append(k)
+        return real_adaptive(rows, shape, spans, k, **kw)
+
     monkeypatch.setattr(ccsmerge.methods.cart, "randomized_svd_over_rows", counting)
+    monkeypatch.setattr(ccsmerge.methods.cart, "adaptive_randomized_svd_over_rows", counting_adaptive)
     grid = dict(lam=[0.5, 1, 1.5, 2, 3], rank_ratio=[0.05, 0.1, 0.15, 0.2, 0.3])
     result = ccsmerge.search(models, make_evaluator(models[1]), "cart", device="cpu", **grid)
     assert len(result.table) == 25

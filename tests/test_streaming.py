@@ -275,7 +275,9 @@ def test_aux_files_come_from_the_base_or_the_first_model(tmp_path, small, with_b
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
     shards = [p.name for p in shard_files(out)]
     # Nothing else travels: README.md of the inputs stays behind.
-    assert sorted(os.listdir(out)) == sorted([*AUX_NAMES, "ccsmerge.yml", "model.safetensors.index.json", *shards])
+    assert sorted(os.listdir(out)) == sorted(
+        [*AUX_NAMES, "ccsmerge.yml", "ccsmerge-accuracy.json", "model.safetensors.index.json", *shards]
+    )
 
 
 def test_recipe_beside_the_output_and_in_every_shard(tmp_path, small):

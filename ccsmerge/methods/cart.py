@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from .. import kernels
+from .. import accuracy_record, kernels
+from ..accuracy import AUTO_MIN_TARGET
 from ..errors import MergeError
 from ..lowrank import adaptive_randomized_svd_over_rows, centered_exact_svd, randomized_svd_over_rows, sketch_width
 from ..numerics import all_finite, compute_dtype, nonfinite_input, tensor_seed
@@ -46,10 +47,27 @@ def power_iters_for(cfg) -> int:
     return 4 if getattr(cfg, "tolerance", None) is None else MAX_ADAPTIVE_POWER_ITERS
 
 
+def adaptive(cfg) -> bool:
+    """Whether the power iterations adapt to a target: a tolerance is set ("auto" by
+    default) and there are iterations to adapt (power_iters=0 is the plain sketch)."""
+    return getattr(cfg, "tolerance", None) is not None and cfg.svd != "exact" and power_iters_for(cfg) > 0
+
+
 def cart_factors(job, rows, spans, device, first_pass=None):
     """Top-k factors U (T, m, k), S (T, k), Vh (T, k, n) of every centered
-    matrix theta_t - theta_avg, from rows(start, stop) -> (xs, theta_avg rows)."""
+    matrix theta_t - theta_avg, from rows(start, stop) -> (xs, theta_avg rows);
+    the matrix's accuracy entry is noted (ccsmerge.accuracy_record)."""
+    factors, entry = factors_and_accuracy(job, rows, spans, device, first_pass)
+    accuracy_record.note(entry)
+    return factors
+
+
+def factors_and_accuracy(job, rows, spans, device, first_pass=None):
+    """cart_factors' factors and the matrix's TensorAccuracy (without the output rounding)."""
     cfg, k = job.cfg, job.rank
+    entry = dict(name=job.name, shape=tuple(job.shape), k=k, svd=cfg.svd, tolerance=getattr(cfg, "tolerance", None),
+                 out_dtype=str(job.out_dtype).removeprefix("torch."), reached_cap=False,
+                 estimated_error=None, target=None, rounding_floor=None, power_iters=None, width=None)
     if cfg.svd == "exact":
         if len(spans) != 1:
             raise MergeError(
@@ -59,16 +77,19 @@ def cart_factors(job, rows, spans, device, first_pass=None):
         xs, center = rows(*spans[0])
         if first_pass is not None:
             first_pass(xs, center)
-        return centered_exact_svd(xs, center, k)
-    if getattr(cfg, "tolerance", None) is not None:
-        factors, _report = adaptive_randomized_svd_over_rows(  # the report is not recorded yet
+        return centered_exact_svd(xs, center, k), accuracy_record.TensorAccuracy(**{**entry, "tolerance": None})
+    entry.update(width=_width(job), power_iters=power_iters_for(cfg))
+    if adaptive(cfg):
+        factors, report = adaptive_randomized_svd_over_rows(
             rows, job.shape, spans, k, oversample=oversample_for(cfg, k), tolerance=cfg.tolerance,
             max_power_iters=power_iters_for(cfg), seed=tensor_seed(cfg.seed, job.name),
             dtype=compute_dtype(job.dtype), device=device, storage_dtype=job.dtype, name=job.name,
-            first_pass=first_pass,
+            first_pass=first_pass, warn_at_cap=not accuracy_record.deferring(),
         )
-        return factors
-    return randomized_svd_over_rows(
+        entry.update(power_iters=report.power_iters, width=report.width, estimated_error=report.estimated_error,
+                     target=report.target, rounding_floor=report.rounding_floor, reached_cap=report.reached_cap)
+        return factors, accuracy_record.TensorAccuracy(**entry)
+    factors = randomized_svd_over_rows(
         rows,
         job.shape,
         spans,
@@ -80,6 +101,7 @@ def cart_factors(job, rows, spans, device, first_pass=None):
         device=device,
         first_pass=first_pass,
     )
+    return factors, accuracy_record.TensorAccuracy(**{**entry, "tolerance": None})
 
 
 def update_factors(factors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,12 +136,15 @@ def _warn_average(name: str) -> None:
 def lowrank_whole(job, xs, base):
     center = kernels.mean(xs)
     try:
-        factors = cart_factors(job, lambda start, stop: (xs, center), [(0, job.shape[0])], xs[0].device,
-                               _finite_or_average(job))
+        factors, entry = factors_and_accuracy(job, lambda start, stop: (xs, center), [(0, job.shape[0])],
+                                              xs[0].device, _finite_or_average(job))
     except _NonFinite:
         _warn_average(job.name)
         return center.to(job.out_dtype)
     left, right = update_factors(factors)
+    rounding = accuracy_record.OutputRounding(job.shape[0], left, right, job.cfg.lam, job.out_dtype)
+    rounding.add(0, center)
+    accuracy_record.note(accuracy_record.with_output_rounding(entry, rounding))
     return kernels.lowrank_update(center, left, right, job.cfg.lam, job.out_dtype)
 
 
@@ -129,7 +154,7 @@ def lowrank_blocks(job, rows, spans, device):
         return xs, kernels.mean(xs)
 
     try:
-        factors = cart_factors(job, centered, spans, device, _finite_or_average(job))
+        factors, entry = factors_and_accuracy(job, centered, spans, device, _finite_or_average(job))
     except _NonFinite:
         _warn_average(job.name)
         for start, stop in spans:
@@ -137,8 +162,12 @@ def lowrank_blocks(job, rows, spans, device):
         return
     left, right = update_factors(factors)
     del factors
+    rounding = accuracy_record.OutputRounding(job.shape[0], left, right, job.cfg.lam, job.out_dtype)
     for start, stop in spans:
         xs, center = centered(start, stop)
+        rounding.add(start, center)
+        if stop == spans[-1][1]:  # noted before the last block leaves: its consumer may stop there
+            accuracy_record.note(accuracy_record.with_output_rounding(entry, rounding))
         yield kernels.lowrank_update(center, left[start:stop].contiguous(), right, job.cfg.lam, job.out_dtype)
 
 
@@ -186,10 +215,29 @@ STACKED_LOWRANK = stacked(LOWRANK)
 def _check(cfg) -> None:
     if cfg.svd == "exact" and (cfg.oversample is not None or cfg.power_iters is not None):
         raise ValueError("oversample and power_iters apply to svd='randomized' only")
-    if cfg.tolerance is not None and cfg.svd == "exact":
+    # "auto" (the default) is what svd='exact' and power_iters=0 ignore; a number is refused with them.
+    explicit = cfg.tolerance is not None and cfg.tolerance != "auto"
+    if explicit and cfg.svd == "exact":
         raise ValueError("tolerance applies to svd='randomized' only (svd='exact' is the reference)")
-    if cfg.tolerance is not None and cfg.power_iters == 0:
+    if explicit and cfg.power_iters == 0:
         raise ValueError("with a tolerance, power_iters caps the adaptive iterations: give at least 1")
+
+
+def planned_accuracy(job):
+    """The plan's statement of a low-rank job (a stack: of each slice)."""
+    cfg = job.cfg
+    if cfg.svd == "exact":
+        return accuracy_record.Planned("exact", None, None, None, None)
+    matrix = dataclasses.replace(job, shape=tuple(job.shape[-2:]))
+    width, iters = _width(matrix), power_iters_for(cfg)
+    if not adaptive(cfg):
+        return accuracy_record.Planned("randomized", None, width, iters, None)
+    if cfg.tolerance != "auto":
+        return accuracy_record.Planned("randomized", cfg.tolerance, width, iters, cfg.tolerance)
+    # float32 and float64 inputs: a floor of ~1e-5 or none, so auto's target is its least.
+    floor_far_below = job.dtype not in (torch.bfloat16, torch.float16)
+    return accuracy_record.Planned("randomized", "auto", width, iters, AUTO_MIN_TARGET,
+                                   target_is_least=not floor_far_below)
 
 
 def with_rank(job, rank: int):
@@ -208,5 +256,6 @@ METHODS = (
         treatments={"low-rank": LOWRANK, STACKED_LOWRANK.name: STACKED_LOWRANK, "average": AVERAGE},
         search_axis="rank_ratio",
         extra_checks=_check,
+        planned_accuracy=planned_accuracy,
     ),
 )

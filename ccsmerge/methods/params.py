@@ -27,11 +27,13 @@ NORMALIZE = Param(
 SVD = Param("svd", str, "randomized", "truncated SVD: the randomized engine or torch.linalg.svd",
             choices=("randomized", "exact"))
 OVERSAMPLE = Param("oversample", int, None, "randomized SVD oversampling (default max(10, k))", ge=0)
-POWER_ITERS = Param("power_iters", int, None, "randomized SVD power iterations (default 4)", ge=0)
+POWER_ITERS = Param("power_iters", int, None, "randomized SVD power iterations (the cap with a tolerance; default 8, else 4)", ge=0)
 TOLERANCE = Param(
-    "tolerance", Tolerance, None,
-    "target relative error of the randomized update: 'auto' (a quarter of the inputs' rounding floor, "
-    "at least 0.01) or a number in (0, 1); power iterations then adapt, power_iters caps them (default 8)",
+    "tolerance", Tolerance, "auto",
+    "target relative error of the randomized update, per matrix: 'auto' (a quarter of the inputs' rounding "
+    "floor, at least 0.01; svd='exact' ignores it), a number in (0, 1), or 'off' (None in the API: fixed "
+    "power_iters, default 4); power iterations adapt until the estimate is below it, power_iters caps them (default 8)",
+    none_is_value=True,
 )
 SEED = Param("seed", int, 0, "seed of the randomized steps", ge=0)
 LOWRANK_INCLUDE = Param("lowrank_include", tuple, (), "regexes of tensors given the low-rank step (override excludes)")

@@ -34,6 +34,9 @@ class Param:
     choices: tuple[str, ...] | None = None
     alias: str | None = None  # a second recipe key ("lambda" for lam)
     per_model: bool = False  # may be given per model in a recipe (e.g. weight)
+    # None given explicitly is a value, not "unset" (tolerance=None: fixed power iterations);
+    # recipes and flags write it as OFF.
+    none_is_value: bool = False
 
     def with_default(self, default: Any) -> Param:
         return dataclasses.replace(self, default=default)
@@ -130,6 +133,8 @@ class MethodSpec:
     search_axis: str | None = None  # the grid axis search() offers besides lam
     search_updates: Callable | None = None  # (models, base, names, values, cfg, device) -> iterator; None: generic
     extra_checks: Callable[[Any], None] | None = None  # cross-option validation (raises ValueError)
+    # What the plan states about a low-rank job's accuracy (ccsmerge.accuracy_record.Planned), or None.
+    planned_accuracy: Callable[[TensorJob], Any] | None = None
     notes: dict[str, str] = field(default_factory=dict)
     # mergekit's defaults where they differ from ccsmerge's: what a recipe's
     # absent parameters take (a recipe means what mergekit makes of it).
