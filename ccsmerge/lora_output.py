@@ -61,7 +61,10 @@ def _lora_able(t, models) -> bool:
 
 
 def merge_to_adapter(prepared, out: Path, *, lora_rank: int | None, overwrite: bool, progress: bool,
-                     inputs: list) -> Path:
+                     inputs: list, dtype: str | None = None) -> Path:
+    """dtype: what every tensor is saved in; by default the factors stay in the
+    compute dtype (float32: the update as computed) and whole tensors in the
+    merge's output dtype."""
     plan, models, base = prepared.plan, prepared.models, prepared.base
     if base is None:
         raise MergeError("output_format='lora': an adapter is an update over a base: give the base model (--base)")
@@ -85,7 +88,7 @@ def merge_to_adapter(prepared, out: Path, *, lora_rank: int | None, overwrite: b
             "and its dense update would have to be held whole; raise max_memory"
         )
     device = resolve_device(prepared.cfg.device)
-    out_dtype = _writer_dtype(plan)
+    out_dtype = getattr(torch, dtype) if dtype else None
     writer = AdapterWriter(out, overwrite=overwrite, inputs=inputs, dtype=out_dtype)
     lora_names = {t.name for t in lora}
     bar = None
@@ -127,10 +130,6 @@ def merge_to_adapter(prepared, out: Path, *, lora_rank: int | None, overwrite: b
     _summary(writer, lora_rank)
     return result
 
-
-def _writer_dtype(plan) -> torch.dtype | None:
-    dtypes = {t.out_dtype for t in plan.tensors if t.dtype.is_floating_point}
-    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _merged(t, models, base, device) -> torch.Tensor:

@@ -248,7 +248,7 @@ def merge_checkpoints(
         _warn_averaging(prepared.plan)
         given = [models] if isinstance(models, (str, Path)) else list(models)
         return merge_to_adapter(prepared, out, lora_rank=lora_rank, overwrite=overwrite, progress=progress,
-                                inputs=[*given, *([base] if base is not None else [])])
+                                dtype=dtype, inputs=[*given, *([base] if base is not None else [])])
     if lora_rank is not None:
         raise MergeError("lora_rank: applies to output_format='lora' only")
     coordinator = TorchDistributed() if distributed else Coordinator()
