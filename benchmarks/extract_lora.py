@@ -216,7 +216,10 @@ def main() -> None:
             + ", ".join(f"{e['reported_vs_recomputed_worst']:.2e} (relative)" for e in record if "reported_vs_recomputed_worst" in e)
             + ".",
         ])
-        write_results(args.out, "extract_lora", {"machine": info, "load_before": load_before, "input_gb": input_gb,
+        load_after = load_average()
+        markdown += f" Load average after: {load_after}."
+        write_results(args.out, "extract_lora", {"machine": info, "load_before": load_before,
+                                                 "load_after": load_after, "input_gb": input_gb,
                                                  "args": {k: str(v) for k, v in vars(args).items()},
                                                  "optimal": optimal, "rows": record}, markdown, echo=True)
     finally:

@@ -73,6 +73,7 @@ class Factor:
     rank: int
     scale: float
     transposed: bool  # embeddings and fan_in_fan_out: delta = s * (B @ A)^T
+    embedding: bool = False  # lora_embedding_A / lora_embedding_B (an nn.Embedding)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -182,7 +183,7 @@ class LoraAdapter:
                 )
             alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", rank))
             scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-            self.factors[module + ".weight"] = Factor(a, b, rank, float(scale), embedding or fan_in_fan_out)
+            self.factors[module + ".weight"] = Factor(a, b, rank, float(scale), embedding or fan_in_fan_out, embedding)
 
     def update_shape(self, name: str) -> tuple[int, int]:
         f = self.factors[name]
@@ -213,6 +214,7 @@ class LoraAdapter:
                         f"{self.file}: tensor '{self.full[name]}' has shape {tuple(shape)}, '{name}' in the base "
                         f"{base.path} has {tuple(want)}"
                     )
+        self._drop_unchanged_base_layers(base)
         if self.base_model_name and base.folder is not None:
             named = _model_name(base.folder)
             if named and Path(self.base_model_name).name != Path(named).name and Path(self.base_model_name).name != base.folder.name:
@@ -220,6 +222,23 @@ class LoraAdapter:
                     f"{self.config_file}: made for base '{self.base_model_name}'; the base given is {base.path} "
                     f"('{named}'): the shapes agree, merged anyway"
                 )
+
+    def _drop_unchanged_base_layers(self, base) -> None:
+        """PEFT saves an adapted embedding's base layer whole (save_embedding_layers):
+        where it equals the base's, the module is its factors alone (merged from them)."""
+        for name, key in list(self.full.items()):
+            if ".base_layer." not in key or name not in self.factors:
+                continue
+            info = self.ckpt.tensors[key]
+            if info.dtype != base.tensors[name].dtype or not info.shape:
+                continue
+            step = max(1, 2**24 // max(1, info.numel // info.shape[0]))
+            if all(
+                torch.equal(self.ckpt.read_rows(key, start, min(start + step, info.shape[0])),
+                            base.read_rows(name, start, min(start + step, info.shape[0])))
+                for start in range(0, info.shape[0], step)
+            ):
+                del self.full[name]
 
     def read_factors(self, name: str, dtype: torch.dtype, rows: tuple[int, int] | None = None):
         """(left, right) with left @ right the update of `name`, in dtype (left's rows start:stop if given)."""

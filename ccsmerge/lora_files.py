@@ -18,6 +18,7 @@ embeddings included, and stores them as PEFT expects."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,10 +40,10 @@ from .shard_writer import OutputTensor, named, shard_header, write_atomically
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT_FILE = "ccsmerge-lora.json"
-_FACTOR_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
-)
 FACTORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding_A", "lora_embedding_B": "embedding_B"}
+_FACTOR_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<factor>" + "|".join(map(re.escape, FACTORS)) + ")$"
+)
 _COPY_CHUNK = 64 * 2**20  # bytes per read while the spilled tensors are copied behind the header
 
 
@@ -52,7 +53,9 @@ _COPY_CHUNK = 64 * 2**20  # bytes per read while the spilled tensors are copied 
 def module_name(weight_name: str) -> str:
     """The module of a weight matrix: `model.layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj`."""
     if not weight_name.endswith(".weight") or weight_name == ".weight":
-        raise MergeError(f"tensor '{weight_name}': not a module's weight (a LoRA module's tensor is named MODULE.weight)")
+        raise MergeError(
+            f"tensor '{weight_name}': not a module's weight (a LoRA module's tensor is named MODULE.weight)"
+        )
     return weight_name[: -len(".weight")]
 
 
@@ -131,7 +134,9 @@ def exact_truncation(
     split evenly between B and A. Computed in dtype (default: float64 for
     float64 input, else float32)."""
     if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0]:
-        raise ValueError(f"exact_truncation: need left (m, R) and right (R, n), got {tuple(left.shape)} and {tuple(right.shape)}")
+        raise ValueError(
+            f"exact_truncation: need left (m, R) and right (R, n), got {tuple(left.shape)} and {tuple(right.shape)}"
+        )
     if rank < 1:
         raise ValueError(f"exact_truncation: rank must be >= 1, got {rank}")
     if dtype is None:
@@ -458,17 +463,23 @@ class AdapterWriter:
         if isinstance(targets, str) or set(targets) != set(self.ranks):
             raise MergeError(f"{ADAPTER_CONFIG}: target_modules must list the adapter's LoRA modules, got {targets!r}")
         if set(config.get("modules_to_save") or []) != set(self.saved):
-            raise MergeError(f"{ADAPTER_CONFIG}: modules_to_save must list the modules saved whole ({sorted(self.saved)})")
+            raise MergeError(
+                f"{ADAPTER_CONFIG}: modules_to_save must list the modules saved whole ({sorted(self.saved)})"
+            )
         for module, rank in self.ranks.items():
             if pattern_value(config.get("rank_pattern") or {}, module, config.get("r")) != rank:
-                raise MergeError(f"{ADAPTER_CONFIG}: module '{module}' has rank {rank}, which r/rank_pattern do not give")
-            if module_scaling(config, module) != 1.0:
-                raise MergeError(f"{ADAPTER_CONFIG}: module '{module}' would be scaled by {module_scaling(config, module)}, not 1")
+                raise MergeError(
+                    f"{ADAPTER_CONFIG}: module '{module}' has rank {rank}, which r/rank_pattern do not give"
+                )
+            scaling = module_scaling(config, module)
+            if scaling != 1.0:
+                raise MergeError(f"{ADAPTER_CONFIG}: module '{module}' would be scaled by {scaling}, not 1")
         for saved in self.saved:
             for module in self.ranks:
                 if module == saved or module.startswith(saved + "."):
                     raise MergeError(
-                        f"module '{saved}' is saved whole and holds the LoRA module '{module}': PEFT allows one or the other"
+                        f"module '{saved}' is saved whole and holds the LoRA module '{module}': "
+                        "PEFT allows one or the other"
                     )
 
     def _write_weights(self, spill: Path) -> None:
@@ -494,27 +505,17 @@ class AdapterWriter:
             "modules_to_save": self.saved,
         }
 
+    @contextlib.contextmanager
     def _guard(self):
-        return _Guard(self)
-
-
-class _Guard:
-    """Around each step: a failure aborts the writer (nothing is left); an OS
-    error becomes one MergeError line naming its file."""
-
-    def __init__(self, writer: AdapterWriter):
-        self.writer = writer
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is None:
-            return False
-        self.writer.abort()
-        if isinstance(exc, OSError):
-            raise MergeError(describe_os_error(exc, self.writer.out) + "; nothing was written") from None
-        return False
+        """Around each step: a failure aborts the writer (nothing is left); an
+        OS error becomes one MergeError line naming its file."""
+        try:
+            yield
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise MergeError(describe_os_error(exc, self.out) + "; nothing was written") from None
+            raise
 
 
 def _write_json(path: Path, content: Mapping) -> None:

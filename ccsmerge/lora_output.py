@@ -36,14 +36,11 @@ from .merge import full_precision_matmuls, resolve_device
 from .numerics import compute_dtype, row_blocks, tensor_seed
 
 
-def _module_of(name: str) -> str:
-    return saved_module_name(name)
-
-
 def _is_embedding(name: str, models) -> bool:
+    """An nn.Embedding module: adapted as one by an input, or named as one (extract_lora's rule)."""
     for m in models:
-        if isinstance(m, AdapterView) and name in m.adapter.factors and m.adapter.factors[name].transposed:
-            return bool(re.search(EMBEDDING_MODULES, module_name(name)))
+        if isinstance(m, AdapterView) and name in m.adapter.factors:
+            return m.adapter.factors[name].embedding
     return bool(re.search(EMBEDDING_MODULES, module_name(name)))
 
 
@@ -58,7 +55,7 @@ def _lora_able(t, models) -> bool:
             return False  # an input saved it whole (modules_to_save): so is the merge's
         if isinstance(m, AdapterView) and t.name in m.adapter.factors:
             f = m.adapter.factors[t.name]
-            if f.transposed and not re.search(EMBEDDING_MODULES, module_name(t.name)):
+            if f.transposed and not f.embedding:
                 return False
     return True
 
@@ -72,8 +69,8 @@ def merge_to_adapter(prepared, out: Path, *, lora_rank: int | None, overwrite: b
         raise MergeError(f"lora_rank: expected a positive integer, got {lora_rank!r}")
     changed = [t for t in plan.tensors if t.path != "base"]
     # Modules with a changed tensor that is not their LoRA weight are saved whole.
-    whole_modules = {_module_of(t.name) for t in changed if not _lora_able(t, models)}
-    lora = [t for t in changed if _lora_able(t, models) and _module_of(t.name) not in whole_modules]
+    whole_modules = {saved_module_name(t.name) for t in changed if not _lora_able(t, models)}
+    lora = [t for t in changed if _lora_able(t, models) and saved_module_name(t.name) not in whole_modules]
     dense = [t for t in lora if t.path == "dense"]
     if dense and lora_rank is None:
         raise MergeError(

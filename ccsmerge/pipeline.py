@@ -28,7 +28,7 @@ from .execute import merge_adapted, merge_rows, merge_whole
 from .numerics import row_blocks
 from .planning import DEVICE_RESERVE, TensorPlan
 from .shard_writer import ShardWriter, shard_filename
-from .staging import Staged, Staging, make_staging
+from .staging import Staged, Staging, fault_in, make_staging
 
 if TYPE_CHECKING:
     from .streaming import PreparedMerge
@@ -123,7 +123,12 @@ class _Pipeline:
                 held = self.budget.acquire(self.budget.total if whole_budget else t.memory)
                 held_gpu = self.gpu.acquire(self.gpu.total if whole_budget else (t.device_memory or 0))
                 staged = None
-                if t.block_rows is None and t.path == "dense":
+                if t.block_rows is None and t.path != "dense":  # the base (cast) and the factors, read ahead
+                    deltas = [m.factors(t.name) for m in self.p.models] if t.path == "factors" else []
+                    base = self.p.base.read(t.name)
+                    fault_in(base)
+                    staged = (deltas, base)
+                elif t.block_rows is None:
                     xs = [m.read(t.name) for m in self.p.models]
                     base = self.p.base.read(t.name) if self.p.base else None
                     staged = self.staging.stage(xs, base)
@@ -170,11 +175,17 @@ class _Pipeline:
         models, base = self.p.models, self.p.base
         held, held_gpu = held
         if t.path != "dense":  # LoRA factors and the base's rows, read here
-            deltas = [m.factors(t.name) for m in models] if t.path == "factors" else []
             spans = row_blocks(t.shape[0], t.block_rows or t.shape[0]) if t.shape else [(0, 1)]
+            if staged is not None:
+                deltas, whole = staged
 
-            def base_rows(start: int, stop: int):
-                return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
+                def base_rows(start: int, stop: int):
+                    return whole[start:stop] if t.shape else whole
+            else:
+                deltas = [m.factors(t.name) for m in models] if t.path == "factors" else []
+
+                def base_rows(start: int, stop: int):
+                    return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
 
             for chunk in merge_adapted(t.job, t.path, deltas, base_rows, spans, self.device, t.job.cfg.allow_nonfinite):
                 self.put(self.to_write, (t.name, chunk, 0))

@@ -82,9 +82,14 @@ def write_adapters(root: Path, base: dict, specs=ADAPTERS, fmt="safetensors", se
             w = base[module + ".weight"]
             m, n = w.shape
             r = _rank(spec, module)
-            a, b = torch.randn(r, n, generator=g) * 0.3, torch.randn(m, r, generator=g) * 0.3
+            if spec["config"].get("fan_in_fan_out"):  # the weight is stored (in, out): delta = (B A)^T
+                a, b = torch.randn(r, m, generator=g) * 0.3, torch.randn(n, r, generator=g) * 0.3
+                delta = (b.to(F64) @ a.to(F64)).T
+            else:
+                a, b = torch.randn(r, n, generator=g) * 0.3, torch.randn(m, r, generator=g) * 0.3
+                delta = b.to(F64) @ a.to(F64)
             tensors[f"{PREFIX}{module}.lora_A.weight"], tensors[f"{PREFIX}{module}.lora_B.weight"] = a, b
-            theta[module + ".weight"] += _scale(spec, module) * (b.to(F64) @ a.to(F64))
+            theta[module + ".weight"] += _scale(spec, module) * delta
         for module in spec.get("embeddings", []):
             vocab, dim = base[module + ".weight"].shape
             r = _rank(spec, module)
@@ -403,3 +408,45 @@ def test_lora_output_refusals(lora_set, tmp_path):
     with pytest.raises(MergeError, match="resume: not supported with output_format='lora'"):
         ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, output_format="lora", resume=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_fan_in_fan_out_adapters_update_the_transposed_weight(tmp_path):
+    base = base_state()
+    base_path = write_checkpoint(base, tmp_path / "base")
+    specs = [dict(config=dict(r=r, lora_alpha=2 * r, fan_in_fan_out=True), modules=["model.layers.0.conv"])
+             for r in (2, 3, 4)]
+    paths, dense = write_adapters(tmp_path, base, specs=specs)
+    name = "model.layers.0.conv.weight"
+    plan = {t.name: t for t in plan_checkpoints(paths, "cart", base_path, rank=4).tensors}
+    assert plan[name].path == "factors" and plan[name].update_rank == 9
+    merged = load_output(ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, rank=4))
+    ref = ref_cart(base[name].to(F64), [d[name] for d in dense], 4, 2.0)
+    assert float((merged[name].to(F64) - ref).norm()) <= 2e-6 * float((ref - base[name].to(F64)).norm())
+    # The output's config has no fan_in_fan_out: such a module would be saved whole in a LoRA
+    # output, which then has no LoRA module, and PEFT refuses an adapter without one.
+    with pytest.raises(MergeError, match="at least one LoRA module"):
+        ccsmerge.merge_checkpoints(paths, tmp_path / "lora", "average", base=base_path, output_format="lora")
+    assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_saved_base_layer_counts_only_where_it_differs(tmp_path, changed):
+    """PEFT saves an adapted embedding's base layer whole: equal to the base's, the
+    module merges from its factors; different, it replaces the base's tensor."""
+    from safetensors.torch import load_file
+
+    base = base_state()
+    base_path = write_checkpoint(base, tmp_path / "base")
+    paths, dense = write_adapters(tmp_path, base)
+    name = "model.embed_tokens.weight"
+    file = paths[1] / "adapter_model.safetensors"
+    tensors = load_file(file)
+    layer = base[name] + (0.01 if changed else 0.0)
+    tensors[f"{PREFIX}model.embed_tokens.base_layer.weight"] = layer
+    save_file(tensors, file)
+    plan = {t.name: t for t in plan_checkpoints(paths, "average", base_path).tensors}
+    assert plan[name].path == ("dense" if changed else "factors")
+    merged = load_output(ccsmerge.merge_checkpoints(paths, tmp_path / "out", "average", base=base_path))
+    theta1 = dense[1][name] + (layer.to(F64) - base[name].to(F64))
+    ref = (dense[0][name] + theta1 + dense[2][name]) / 3
+    assert torch.allclose(merged[name].to(F64), ref, rtol=0, atol=2e-6)

@@ -51,7 +51,8 @@ def _pair(tmp_path, *, dtype=torch.float32):
     model = dict(base)
     model["model.embed_tokens.weight"] = base["model.embed_tokens.weight"] + _gapped(40, 16, 6, 1).float()
     model["model.layers.0.q.weight"] = base["model.layers.0.q.weight"] + _gapped(24, 16, 6, 2).float()
-    model["model.layers.0.up.weight"] = base["model.layers.0.up.weight"] + 0.05 * R.decaying_matrix(32, 16, seed=3).float()
+    up = 0.05 * R.decaying_matrix(32, 16, seed=3).float()
+    model["model.layers.0.up.weight"] = base["model.layers.0.up.weight"] + up
     model["model.layers.0.o.weight"] = base["model.layers.0.o.weight"] + 0.01
     model["model.layers.0.o.bias"] = base["model.layers.0.o.bias"] + 0.01
     model["model.norm.weight"] = base["model.norm.weight"] + 0.1 * torch.randn(16, generator=gen)
@@ -203,12 +204,14 @@ def _resave(folder, state):
 def test_bad_inputs_are_refused_naming_file_and_tensor(tmp_path):
     base, model, b, m = _pair(tmp_path)
     out = tmp_path / "adapter"
+    q, norm = "model.layers.0.q.weight", "model.norm.weight"
+    in_model, in_base = r"model/model\.safetensors: tensor", r"base/model\.safetensors: tensor"
     cases = [
-        ({**m, "model.layers.0.q.weight": torch.zeros(24, 15)}, r"model\.safetensors: tensor 'model.layers.0.q.weight' has shape \[24, 15\]"),
-        ({**m, "model.extra.weight": torch.zeros(2, 2)}, r"model\.safetensors: tensor 'model.extra.weight' is not in the base"),
-        ({k: v for k, v in m.items() if k != "model.norm.weight"}, r"base/model\.safetensors: tensor 'model.norm.weight' is not in the model"),
-        ({**m, "model.layers.0.q.weight": m["model.layers.0.q.weight"] * float("nan")}, r"model/model\.safetensors: tensor 'model.layers.0.q.weight' has NaN"),
-        ({**m, "model.norm.weight": m["model.norm.weight"] * float("inf")}, r"model/model\.safetensors: tensor 'model.norm.weight' has NaN or Inf"),
+        ({**m, q: torch.zeros(24, 15)}, rf"{in_model} '{q}' has shape \[24, 15\], but in the base"),
+        ({**m, "model.extra.weight": torch.zeros(2, 2)}, rf"{in_model} 'model.extra.weight' is not in the base"),
+        ({k: v for k, v in m.items() if k != norm}, rf"{in_base} '{norm}' is not in the model"),
+        ({**m, q: m[q] * float("nan")}, rf"{in_model} '{q}' has NaN"),
+        ({**m, norm: m[norm] * float("inf")}, rf"{in_model} '{norm}' has NaN or Inf"),
         (b, r"no weight matrix differs from the base"),
     ]
     for state, message in cases:

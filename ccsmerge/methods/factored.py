@@ -29,8 +29,6 @@ from ..tensor_values import per_model
 NONZERO = 1e-10
 WORK = torch.float64
 
-Deltas = "list[tuple[torch.Tensor, torch.Tensor] | None]"
-
 
 def _stacked(deltas, coefficients=None):
     """(L, R, blocks): the concatenated factors (left ones times each model's
@@ -86,10 +84,6 @@ def _zero(shape, like):
 
 def _present(deltas):
     return [d for d in deltas if d is not None]
-
-
-def _device_of(deltas):
-    return _present(deltas)[0][0]
 
 
 def sum_of(deltas, coefficients, shape):

@@ -32,7 +32,8 @@ def _gapped_update(shape, rank, gen, scale):
     k = min(m, n)
     u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=F64))
     v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=F64))
-    s = torch.cat([torch.linspace(1.0, 0.5, min(rank, k), dtype=F64), 1e-4 * torch.rand(k - min(rank, k), generator=gen, dtype=F64)])
+    top = min(rank, k)
+    s = torch.cat([torch.linspace(1.0, 0.5, top, dtype=F64), 1e-4 * torch.rand(k - top, generator=gen, dtype=F64)])
     return scale * (u * s) @ v.T
 
 

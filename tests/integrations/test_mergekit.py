@@ -150,6 +150,7 @@ def test_recipe_lambda_and_engine_parameters_reach_the_merge(llamas, tmp_path):
 # A value other than the default for every parameter a ccsmerge method declares.
 NON_DEFAULT = {
     "rank_ratio": 0.3,
+    "rank": 3,
     "lam": 0.5,
     "svd": "exact",
     "oversample": 7,
