@@ -56,7 +56,8 @@ RESULTS = HERE / "results" / "cpu-2core" / "adapters"
 GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 CHECKED = ("q_proj", "down_proj")  # one of each SVD shape: (h, h) and (h, intermediate) or its transpose
-RANK_RATIO, LAM = 0.12, 2.0  # CART's defaults
+LAM = 2.0  # CART's default
+RANK_RATIO = 0.3  # CART's adapter_rank_ratio default: k as a share of R on adapter modules
 
 
 # --------------------------------------------------------------------------- the model and its adapters

@@ -366,7 +366,7 @@ def adapted_path(name: str, job: TensorJob, models) -> str:
 def plan_adapted(job: TensorJob, models, base, budget: int) -> TensorPlan | None:
     """A tensor's plan in a merge with adapters: None where the task vectors
     must be formed (the dense plan), else the base's rows (and the factors)
-    under the budget. CART's k on adapter factors defaults to rank_ratio times R, the
+    under the budget. CART's k on adapter factors is adapter_rank_ratio times R, the
     sum of the adapters' ranks there (the centered task vectors' rank bound);
     the rank option sets it."""
     path = adapted_path(job.name, job, models)
@@ -380,7 +380,7 @@ def plan_adapted(job: TensorJob, models, base, budget: int) -> TensorPlan | None
         R = sum(m.adapter.factors[job.name].rank for m in models if m.kind(job.name) == "factors")
         if job.treatment == "low-rank":
             cfg = job.cfg
-            k = cfg.rank if cfg.rank is not None else max(1, int(cfg.rank_ratio * R))
+            k = cfg.rank if cfg.rank is not None else max(1, int(cfg.adapter_rank_ratio * R))
             job = dataclasses.replace(job, rank=k, rule=f"{job.rule}; LoRA factors of rank {R}")
         m, n = job.shape
         # float64 factors, their QR bases and the merged update's two factors, plus the cores.
@@ -422,5 +422,5 @@ def averaging_warning(tensors: list[TensorPlan]) -> str:
     more = f" and {len(tensors) - 1} more" if len(tensors) > 1 else ""
     return (
         f"warning: CART on '{t.name}'{more} is the plain average: k = {t.rank} is not below R = {t.update_rank}, "
-        "the rank of the adapters' centered updates; give rank (--rank) or rank_ratio below it"
+        "the rank of the adapters' centered updates; give rank (--rank) or adapter_rank_ratio below it"
     )

@@ -189,7 +189,7 @@ def reference(method, options, name, w0, xs):
         if not lowrank:
             return sum(xs) / T
         R = update_rank(name)
-        k = options.get("rank") or max(1, int(0.12 * R))
+        k = options.get("rank") or max(1, int(options.get("adapter_rank_ratio", 0.3) * R))
         return ref_cart(w0, xs, k, options.get("lam", 2.0))
     lam = options.get("lam", 1.0)
     if not lowrank:
@@ -211,6 +211,7 @@ CASES = [
     ("task_arithmetic", {"lam": 0.7}),
     ("cart", {}),
     ("cart", {"rank": 3, "lam": 1.5}),
+    ("cart", {"adapter_rank_ratio": 0.5, "lam": 1.0}),
     ("tsv_m", {}),
     ("tsv_m", {"rank": 2}),
     ("iso_c", {}),
@@ -236,7 +237,7 @@ def test_plan_paths_and_the_update_rank(lora_set):
     plan = {t.name: t for t in plan_checkpoints(paths, "cart", base_path).tensors}
     assert plan["model.layers.0.attn.q_proj.weight"].path == "factors"
     assert plan["model.layers.0.attn.q_proj.weight"].update_rank == 4 + 3 + 2
-    assert plan["model.layers.0.attn.q_proj.weight"].rank == max(1, int(0.12 * 9))
+    assert plan["model.layers.0.attn.q_proj.weight"].rank == max(1, int(0.3 * 9))
     assert plan["model.layers.0.mlp.up_proj.weight"].update_rank == 5
     assert plan["model.layers.0.conv.weight"].path == "base"  # no adapter touches it
     assert plan["model.norm.weight"].path == "base"

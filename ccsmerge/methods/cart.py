@@ -18,7 +18,7 @@ from ..lowrank import adaptive_randomized_svd_over_rows, centered_exact_svd, ran
 from ..numerics import all_finite, compute_dtype, nonfinite_input, tensor_seed
 from .elementwise import AVERAGE, _inputs
 from .factored import cart_factored
-from .params import LAM, LOWRANK_SELECTION, RANK, RANK_RATIO, SVD_ENGINE, TOLERANCE, lowrank_rank, lowrank_rule
+from .params import ADAPTER_RANK_RATIO, LAM, LOWRANK_SELECTION, RANK, RANK_RATIO, SVD_ENGINE, TOLERANCE, lowrank_rank, lowrank_rule
 from .spec import Cost, Decision, MethodSpec, Treatment
 from .stacked import stacked, treatment_for
 
@@ -250,7 +250,7 @@ METHODS = (
         title="CART (Choi et al. 2024)",
         summary="theta_avg + lam * sum_t LowRank_k(theta_t - theta_avg) on weight matrices",
         reference="https://arxiv.org/abs/2412.12153",
-        params=(RANK_RATIO, RANK, LAM.with_default(2.0), *SVD_ENGINE, TOLERANCE, *LOWRANK_SELECTION),
+        params=(RANK_RATIO, RANK, ADAPTER_RANK_RATIO, LAM.with_default(2.0), *SVD_ENGINE, TOLERANCE, *LOWRANK_SELECTION),
         needs_base=False,
         rule=cart_rule,
         treatments={"low-rank": LOWRANK, STACKED_LOWRANK.name: STACKED_LOWRANK, "average": AVERAGE},

@@ -18,6 +18,10 @@ RANK = Param(
     "rank", int, None,
     "absolute k, instead of rank_ratio (LoRA inputs: the updates' rank is the adapters' sum of ranks)", ge=1,
 )
+ADAPTER_RANK_RATIO = Param(
+    "adapter_rank_ratio", float, 0.3,
+    "on modules merged from LoRA factors: k = max(1, int(R * the sum of the adapters' ranks))", gt=0.0, le=1.0,
+)
 DENSITY = Param("density", float, 0.2, "fraction of each task vector kept", gt=0.0, le=1.0, per_model=True)
 WEIGHT = Param("weight", float, 1.0, "the model's weight (one value, or one per model)", per_model=True)
 NORMALIZE = Param(

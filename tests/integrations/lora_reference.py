@@ -16,7 +16,7 @@ RANK_THRESHOLD * sigma_max; TSV-M takes k_t = min(k, r_t) triplets of task
 t; Iso-C and Iso-CTS work on the nonzero part of the task-vector sum
 (r -> R_sum), and Iso-CTS takes at most the nonzero directions of each
 projected task vector; CART's default k on a module that only adapters
-touch is max(1, int(rank_ratio * R)), R the sum of their ranks there."""
+touch is max(1, int(adapter_rank_ratio * R)), R the sum of their ranks there."""
 
 from __future__ import annotations
 
@@ -192,13 +192,13 @@ def per_model(value, T):
     return list(value) if isinstance(value, (tuple, list)) else [value] * T
 
 
-def cart(xs, deltas, is_adapter, shape, rank=None, rank_ratio=0.12, lam=2.0):
+def cart(xs, deltas, is_adapter, shape, rank=None, rank_ratio=0.12, lam=2.0, adapter_rank_ratio=0.3):
     avg = torch.stack(xs).mean(0)
     touched = [t for t, d in enumerate(deltas) if bool(d.any())]
     if rank is not None:
         k = rank
     elif all(is_adapter[t] for t in touched):
-        k = max(1, int(rank_ratio * sum(rank_of(deltas[t]) for t in touched)))
+        k = max(1, int(adapter_rank_ratio * sum(rank_of(deltas[t]) for t in touched)))
     else:
         k = max(1, int(rank_ratio * min(shape)))
     return avg + lam * sum(truncated(x - avg, k) for x in xs)
@@ -315,7 +315,7 @@ def reference_tensor(method: str, name: str, base: torch.Tensor, xs: list[torch.
         if not lowrank:
             return torch.stack(xs).mean(0)
         return cart(xs, deltas, is_adapter, base.shape, options.get("rank"), options.get("rank_ratio", 0.12),
-                    options.get("lam", 2.0))
+                    options.get("lam", 2.0), options.get("adapter_rank_ratio", 0.3))
     if method in ("tsv_m", "iso_c", "iso_cts"):
         lam = options.get("lam", 1.0)
         if not lowrank:

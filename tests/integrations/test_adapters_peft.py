@@ -33,6 +33,7 @@ CASES = [
     ("cart", {}),  # the default svd (randomized): the factor path is exact all the same
     ("cart", {"rank": 3}),
     ("cart", {"rank_ratio": 0.5, "lam": 1.0}),
+    ("cart", {"adapter_rank_ratio": 0.5}),
     ("tsv_m", {}),
     ("tsv_m", {"rank": 3}),
     ("iso_c", {}),

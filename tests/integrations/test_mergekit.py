@@ -151,6 +151,7 @@ def test_recipe_lambda_and_engine_parameters_reach_the_merge(llamas, tmp_path):
 NON_DEFAULT = {
     "rank_ratio": 0.3,
     "rank": 3,
+    "adapter_rank_ratio": 0.5,
     "lam": 0.5,
     "svd": "exact",
     "oversample": 7,
