@@ -16,8 +16,6 @@ the pair (s B, A) for the merges that work from factors."""
 from __future__ import annotations
 
 import json
-import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,9 @@ import torch
 
 from .checkpoint import ADAPTER_CONFIG, Checkpoint, TensorInfo
 from .errors import MergeError
+from .lora_files import ADAPTER_WEIGHTS, PEFT_PREFIX, module_of, module_scaling, pattern_value
 
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# PEFT saves every key under the wrapper's prefix.
-PREFIX = "base_model.model."
-_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_model.bin")
 # Options that change what the adapter computes beyond W0 + s B A: refused by name.
 _REFUSED = {
     "use_dora": "DoRA (weight-decomposed LoRA: a magnitude vector rescales every column)",
@@ -55,10 +51,6 @@ _INERT = {
     "modules_to_save", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision",
     "target_modules", "task_type", "use_rslora",
 }
-# Relative size below which a singular value of a product of factors is zero
-# (an exactly rank-deficient product computed in float64).
-NONZERO = 1e-10
-
 
 def is_adapter(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).is_file()
@@ -74,14 +66,6 @@ class Factor:
     scale: float
     transposed: bool  # embeddings and fan_in_fan_out: delta = s * (B @ A)^T
     embedding: bool = False  # lora_embedding_A / lora_embedding_B (an nn.Embedding)
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the module path's end."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 class LoraAdapter:
@@ -100,9 +84,9 @@ class LoraAdapter:
         self.config = config
         self.config_file = config_file
         self._check_config()
-        weights = [self.path / name for name in ADAPTER_WEIGHTS if (self.path / name).exists()]
+        weights = [self.path / name for name in ADAPTER_FILES if (self.path / name).exists()]
         if not weights:
-            raise MergeError(f"{self.path}: an adapter folder without its weights ({' or '.join(ADAPTER_WEIGHTS)})")
+            raise MergeError(f"{self.path}: an adapter folder without its weights ({' or '.join(ADAPTER_FILES)})")
         self.file = weights[0]
         self.ckpt = Checkpoint(self.file, lora_factors=True)
         self.files = [self.file, config_file]
@@ -149,22 +133,24 @@ class LoraAdapter:
     def _parse(self) -> None:
         pairs: dict[str, dict[str, str]] = {}
         for key in self.ckpt.tensors:
-            if not key.startswith(PREFIX):
-                raise MergeError(f"{self.file}: tensor '{key}' is not under '{PREFIX}', as PEFT saves adapters")
-            inner = key[len(PREFIX):]
-            match = _FACTOR.match(inner)
-            if match is not None:
-                pairs.setdefault(match["module"], {})[match["kind"]] = key
-            elif "lora_" in inner:
-                raise MergeError(f"{self.file}: tensor '{key}' is not a LoRA factor ccsmerge knows (lora_A/lora_B)")
-            else:
+            if not key.startswith(PEFT_PREFIX):
+                raise MergeError(f"{self.file}: tensor '{key}' is not under '{PEFT_PREFIX}', as PEFT saves adapters")
+            try:
+                module, factor = module_of(key)
+            except ValueError:
+                inner = key[len(PEFT_PREFIX):]
+                if "lora_" in inner:
+                    raise MergeError(
+                        f"{self.file}: tensor '{key}' is not a LoRA factor ccsmerge knows (lora_A/lora_B)"
+                    ) from None
                 self.full[inner.replace(".base_layer.", ".")] = key
+                continue
+            pairs.setdefault(module, {})[factor] = key
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
-        use_rslora = bool(self.config.get("use_rslora"))
         for module, kinds in pairs.items():
-            embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
-            a = kinds.get("lora_embedding_A" if embedding else "lora_A.weight")
-            b = kinds.get("lora_embedding_B" if embedding else "lora_B.weight")
+            embedding = "embedding_A" in kinds or "embedding_B" in kinds
+            a = kinds.get("embedding_A" if embedding else "A")
+            b = kinds.get("embedding_B" if embedding else "B")
             if a is None or b is None:
                 raise MergeError(f"{self.file}: module '{module}' has {'B' if a is None else 'A'} without its other factor")
             sa, sb = self.ckpt.tensors[a].shape, self.ckpt.tensors[b].shape
@@ -176,13 +162,13 @@ class LoraAdapter:
             rank = sa[0]
             if sb[1] != rank:
                 raise MergeError(f"{self.file}: module '{module}': A is {sa} and B is {sb}: their ranks differ")
-            expected = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", rank))
+            expected = pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", rank))
             if expected != rank:
                 raise MergeError(
                     f"{self.file}: module '{module}' has rank {rank}, but {self.config_file.name} says r = {expected}"
                 )
-            alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", rank))
-            scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+            # r and lora_alpha default to the factors' rank where the config leaves them out.
+            scale = module_scaling({"r": rank, "lora_alpha": rank, **self.config}, module)
             self.factors[module + ".weight"] = Factor(a, b, rank, float(scale), embedding or fan_in_fan_out, embedding)
 
     def update_shape(self, name: str) -> tuple[int, int]:

@@ -69,6 +69,22 @@ def merge_rows(job: TensorJob, source: RowSource, block_rows: int, device: torch
         yield block.cpu()
 
 
+def adapted_deltas(path: str, name: str, models) -> list:
+    """Each model's LoRA factors (left, right) of a tensor on the "factors" path
+    (None where a model leaves it alone); none on the "base" path."""
+    return [m.factors(name) for m in models] if path == "factors" else []
+
+
+def merged_update(job: TensorJob, deltas: list, device: torch.device, allow_nonfinite: bool = False):
+    """(left, right, base_scale) of the method's factored merge, merged =
+    base_scale * W0 + left @ right, from each model's factors (checked finite)."""
+    for i, delta in enumerate(deltas):
+        if delta is not None and not allow_nonfinite and not (all_finite(delta[0]) and all_finite(delta[1])):
+            raise MergeError(f"tensor '{job.name}': model {i} has NaN or Inf in its LoRA factors")
+    on_device = [None if d is None else (d[0].to(device), d[1].to(device)) for d in deltas]
+    return treatment_of(job).factored(job, on_device)
+
+
 def merge_adapted(
     job: TensorJob,
     path: str,
@@ -86,11 +102,7 @@ def merge_adapted(
         for start, stop in spans:
             yield base_rows(start, stop).to(job.out_dtype)
         return
-    for i, delta in enumerate(deltas):
-        if delta is not None and not allow_nonfinite and not (all_finite(delta[0]) and all_finite(delta[1])):
-            raise MergeError(f"tensor '{job.name}': model {i} has NaN or Inf in its LoRA factors")
-    on_device = [None if d is None else (d[0].to(device), d[1].to(device)) for d in deltas]
-    left, right, base_scale = treatment_of(job).factored(job, on_device)
+    left, right, base_scale = merged_update(job, deltas, device, allow_nonfinite)
     work = compute_dtype(job.dtype)
     left, right = left.to(work), right.to(work).contiguous()
     for start, stop in spans:

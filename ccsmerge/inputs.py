@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import MergeError
 from .layers import count_layers, edit_config_layers, select_layers
 from .model_configs import compare_configs, read_config, vocab_size_of
+from .numerics import compute_dtype
 from .vocab import VocabularyAlignment, align, edit_config_vocab, is_vocab_tensor, tokenizer_folder
 
 
@@ -217,8 +218,6 @@ def open_inputs(
 
 
 def _open_with_adapters(models, base, options: InputOptions, allow_config_mismatch: bool) -> Inputs:
-    from .numerics import compute_dtype
-
     first = next(m for m in models if isinstance(m, LoraAdapter))
     if base is None:
         raise MergeError(
@@ -234,8 +233,8 @@ def _open_with_adapters(models, base, options: InputOptions, allow_config_mismat
         if isinstance(adapter, LoraAdapter):
             adapter.check_against(base)
     changed = set().union(*(m.names for m in models if isinstance(m, LoraAdapter)))
-    stored = {name: base.tensors[name].dtype for name in changed}
-    read_as = {name: options.input_dtype or dtype for name, dtype in stored.items() if dtype.is_floating_point}
+    floating = [name for name in changed if base.tensors[name].dtype.is_floating_point]
+    read_as = {name: options.input_dtype or base.tensors[name].dtype for name in floating}
     casts = {name: compute_dtype(dtype) for name, dtype in read_as.items()}
     base_view = InputView(base, len(models), None, options.input_dtype, casts)
     views = [

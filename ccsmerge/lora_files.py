@@ -141,11 +141,9 @@ def exact_truncation(
         raise ValueError(f"exact_truncation: rank must be >= 1, got {rank}")
     if dtype is None:
         dtype = torch.float64 if torch.float64 in (left.dtype, right.dtype) else compute_dtype(left.dtype)
-    q_left, r_left = torch.linalg.qr(left.to(dtype))
-    q_right, r_right = torch.linalg.qr(right.to(dtype).mT)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
+    u, s, vh = lowrank.product_svd(left.to(dtype), right.to(dtype))
     k = min(rank, s.numel())
-    b, a = _balanced(q_left @ u[:, :k], s[:k], vh[:k] @ q_right.mT)
+    b, a = _balanced(u[:, :k], s[:k], vh[:k])
     total = float(s.double().square().sum())
     dropped = float(s[k:].double().square().sum())
     return b, a, math.sqrt(dropped / total) if total > 0 else 0.0

@@ -29,11 +29,11 @@ import torch
 
 from .adapters import AdapterView
 from .errors import MergeError
-from .execute import merge_adapted, merge_whole
+from .execute import adapted_deltas, merge_adapted, merge_whole, merged_update
 from .extract_lora import EMBEDDING_MODULES
 from .lora_files import AdapterWriter, exact_truncation, module_name, randomized_truncation, saved_module_name
 from .merge import full_precision_matmuls, resolve_device
-from .numerics import compute_dtype, row_blocks, tensor_seed
+from .numerics import compute_dtype, tensor_seed
 
 
 def _is_embedding(name: str, models) -> bool:
@@ -131,29 +131,26 @@ def merge_to_adapter(prepared, out: Path, *, lora_rank: int | None, overwrite: b
     return result
 
 
-
 def _merged(t, models, base, device) -> torch.Tensor:
+    """The merged tensor, whole (a tensor saved whole in the adapter)."""
     if t.path == "dense":
         xs = [m.read(t.name) for m in models]
         return merge_whole(t.job, xs, base.read(t.name), device).cpu()
-    spans = row_blocks(t.shape[0], t.shape[0]) if t.shape else [(0, 1)]
-    deltas = [m.factors(t.name) for m in models] if t.path == "factors" else []
+    whole = base.read(t.name)
+    spans = [(0, t.shape[0])] if t.shape else [(0, 1)]
+    deltas = adapted_deltas(t.path, t.name, models)
 
     def base_rows(start, stop):
-        return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
+        return whole[start:stop] if t.shape else whole
 
-    return torch.cat(list(merge_adapted(t.job, t.path, deltas, base_rows, spans, device)), 0) if t.shape else \
-        next(merge_adapted(t.job, t.path, deltas, base_rows, spans, device))
+    return next(merge_adapted(t.job, t.path, deltas, base_rows, spans, device, t.job.cfg.allow_nonfinite))
 
 
 def _add_lora(writer, t, models, base, device, lora_rank) -> None:
-    from .methods import treatment_of
-
     embedding = _is_embedding(t.name, models)
     if t.path == "factors":
-        deltas = [m.factors(t.name) for m in models]
-        on_device = [None if d is None else (d[0].to(device), d[1].to(device)) for d in deltas]
-        left, right, base_scale = treatment_of(t.job).factored(t.job, on_device)
+        deltas = adapted_deltas(t.path, t.name, models)
+        left, right, base_scale = merged_update(t.job, deltas, device, t.job.cfg.allow_nonfinite)
         if base_scale != 1.0:  # (s - 1) W0 is not low-rank: the update is formed densely
             update = (base_scale - 1.0) * base.read(t.name).to(device, torch.float64) + left @ right
             _add_dense(writer, t, update, lora_rank, embedding)
@@ -166,8 +163,10 @@ def _add_lora(writer, t, models, base, device, lora_rank) -> None:
         writer.add(t.name, b.to(work).cpu(), a.to(work).cpu(), embedding=embedding,
                    update_rank=int(left.shape[1]), relative_error=dropped, exact=dropped == 0.0)
         return
-    merged = merge_whole(t.job, [m.read(t.name) for m in models], base.read(t.name), device)
-    update = merged.to(compute_dtype(t.job.dtype)) - base.read(t.name).to(device, compute_dtype(t.job.dtype))
+    w0 = base.read(t.name)
+    merged = merge_whole(t.job, [m.read(t.name) for m in models], w0, device)
+    work = compute_dtype(t.job.dtype)
+    update = merged.to(work) - w0.to(device, work)
     _add_dense(writer, t, update, lora_rank, embedding)
 
 

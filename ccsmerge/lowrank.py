@@ -16,6 +16,16 @@ from . import accuracy, fast_arithmetic, kernels
 from .numerics import compute_dtype
 
 
+def product_svd(left: torch.Tensor, right: torch.Tensor):
+    """U, s, Vh of left @ right (m x R and R x n, R small) without forming it:
+    with left = Q_l R_l and right^T = Q_r R_r (thin QRs), left @ right =
+    Q_l (R_l R_r^T) Q_r^T, so its SVD is the R x R core's, rotated."""
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.mT)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.mT)
+    return q_left @ u, s, vh @ q_right.mT
+
+
 def sketch_width(k: int, oversample: int, m: int, n: int) -> int:
     return min(k + oversample, m, n)
 

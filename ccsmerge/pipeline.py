@@ -25,7 +25,7 @@ import torch
 
 from .errors import MergeError, MergeInterrupted, Terminated
 from .accuracy_record import collecting, drain, write_shard_record
-from .execute import merge_adapted, merge_rows, merge_whole
+from .execute import adapted_deltas, merge_adapted, merge_rows, merge_whole
 from .numerics import row_blocks
 from .planning import DEVICE_RESERVE, TensorPlan
 from .shard_writer import ShardWriter, shard_filename
@@ -127,10 +127,9 @@ class _Pipeline:
                 held_gpu = self.gpu.acquire(self.gpu.total if whole_budget else (t.device_memory or 0))
                 staged = None
                 if t.block_rows is None and t.path != "dense":  # the base (cast) and the factors, read ahead
-                    deltas = [m.factors(t.name) for m in self.p.models] if t.path == "factors" else []
                     base = self.p.base.read(t.name)
                     fault_in(base)
-                    staged = (deltas, base)
+                    staged = (adapted_deltas(t.path, t.name, self.p.models), base)
                 elif t.block_rows is None:
                     xs = [m.read(t.name) for m in self.p.models]
                     base = self.p.base.read(t.name) if self.p.base else None
@@ -182,18 +181,14 @@ class _Pipeline:
     def _merge(self, t: TensorPlan, staged: Staged | None, held: tuple[int, int]) -> None:
         models, base = self.p.models, self.p.base
         held, held_gpu = held
-        if t.path != "dense":  # LoRA factors and the base's rows, read here
+        if t.path != "dense":  # LoRA factors and the base: read ahead, or here block by block
             spans = row_blocks(t.shape[0], t.block_rows or t.shape[0]) if t.shape else [(0, 1)]
-            if staged is not None:
-                deltas, whole = staged
+            deltas, whole = staged if staged is not None else (adapted_deltas(t.path, t.name, self.p.models), None)
 
-                def base_rows(start: int, stop: int):
+            def base_rows(start: int, stop: int):
+                if whole is not None:
                     return whole[start:stop] if t.shape else whole
-            else:
-                deltas = [m.factors(t.name) for m in models] if t.path == "factors" else []
-
-                def base_rows(start: int, stop: int):
-                    return base.read_rows(t.name, start, stop) if t.shape else base.read(t.name)
+                return base.read_rows(t.name, start, stop)  # row blocks: whole is None only for a matrix
 
             for chunk in merge_adapted(t.job, t.path, deltas, base_rows, spans, self.device, t.job.cfg.allow_nonfinite):
                 self.put(self.to_write, (t.name, chunk, 0, drain(self.noted)))

@@ -73,9 +73,11 @@ class TensorPlan:
     @property
     def accuracy(self):
         """What the method states of this matrix's accuracy before reading it
-        (ccsmerge.accuracy_record.Planned), or None (no low-rank step)."""
+        (ccsmerge.accuracy_record.Planned), or None (no low-rank step, or one
+        computed exactly from LoRA factors: the path says so)."""
         planned = self.job.cfg.spec.planned_accuracy
-        return planned(self.job) if planned is not None and self.rank is not None else None
+        usable = planned is not None and self.rank is not None and self.path == "dense"
+        return planned(self.job) if usable else None
 
     @property
     def numel(self) -> int:
@@ -316,10 +318,11 @@ def make_plan(
         tensor_out = out_dtype if out_dtype is not None else (out_dtypes or {}).get(name)
         planned = None
         if adapted:
-            job = decide(name, info.shape, info.dtype, config_of(name), T, tensor_out if info.dtype.is_floating_point else None)
+            floating_out = tensor_out if info.dtype.is_floating_point else None
+            job = decide(name, info.shape, info.dtype, config_of(name), T, floating_out)
             planned = plan_adapted(job, models, base, budget)
-        if planned is None and adapted and info.dtype.is_floating_point:
-            _check_dense_with_adapters(job, models)
+            if planned is None:
+                _check_dense_with_adapters(job)
         if planned is None:
             planned = plan_tensor(
                 name, info.shape, info.dtype, config_of(name), T, base is not None, budget, tensor_out,
@@ -335,7 +338,7 @@ def make_plan(
     return MergePlan(tensors, shards, budget, T, base is not None, per_pass, device, gpu_budget, reserved)
 
 
-def _check_dense_with_adapters(job: TensorJob, models) -> None:
+def _check_dense_with_adapters(job: TensorJob) -> None:
     """Refuse a method that takes each task vector's singular vectors on dense task
     vectors of adapters: beyond an adapter's rank (all of them where it leaves the
     tensor alone) they are arbitrary, and the result with them."""
@@ -403,7 +406,7 @@ def _read_bytes(t: TensorPlan, models, base) -> int:
     """Bytes read per pass over a tensor: every input's, or for the adapted
     paths the base's (the factors are small)."""
     if t.path != "dense":
-        return base.tensors[t.name].numel * base.ckpt.tensors[t.name].dtype.itemsize
+        return base.ckpt.tensors[t.name].nbytes
     return sum(m.tensors[t.name].nbytes for m in [*models, *([base] if base is not None else [])])
 
 

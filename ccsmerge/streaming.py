@@ -234,40 +234,29 @@ def merge_checkpoints(
     out = output_path(out)
     if output_format not in OUTPUT_FORMATS:
         raise MergeError(f"output_format: '{output_format}' is not one of {', '.join(OUTPUT_FORMATS)}")
+    prepare_options = dict(
+        max_memory=max_memory, max_gpu_memory=max_gpu_memory, dtype=dtype, out_shard_size=out_shard_size,
+        input_dtype=input_dtype, tokenizer_source=tokenizer_source, layer_range=layer_range,
+        allow_config_mismatch=allow_config_mismatch, **options,
+    )
     if output_format == "lora":
-        for option, value in (("resume", resume), ("distributed", distributed)):
-            if value:
+        for option, given in (("resume", resume), ("distributed", distributed)):
+            if given:
                 raise MergeError(f"{option}: not supported with output_format='lora' (the adapter is written in one run)")
         from .lora_output import merge_to_adapter
 
-        prepared = prepare_merge(
-            models, method, base, max_memory=max_memory, max_gpu_memory=max_gpu_memory, dtype=dtype,
-            out_shard_size=out_shard_size, input_dtype=input_dtype, tokenizer_source=tokenizer_source,
-            layer_range=layer_range, allow_config_mismatch=allow_config_mismatch, **options,
-        )
+        prepared = prepare_merge(models, method, base, **prepare_options)
         _warn_averaging(prepared.plan)
-        given = [models] if isinstance(models, (str, Path)) else list(models)
+        given_models = [models] if isinstance(models, (str, Path)) else list(models)
         return merge_to_adapter(prepared, out, lora_rank=lora_rank, overwrite=overwrite, progress=progress,
-                                dtype=dtype, inputs=[*given, *([base] if base is not None else [])])
+                                dtype=dtype, inputs=[*given_models, *([base] if base is not None else [])])
     if lora_rank is not None:
         raise MergeError("lora_rank: applies to output_format='lora' only")
     coordinator = TorchDistributed() if distributed else Coordinator()
     try:
         return _merge_checkpoints(
-            coordinator,
-            models,
-            out,
-            method,
-            base,
-            dict(
-                max_memory=max_memory, max_gpu_memory=max_gpu_memory, dtype=dtype, out_shard_size=out_shard_size,
-                input_dtype=input_dtype, tokenizer_source=tokenizer_source, layer_range=layer_range,
-                allow_config_mismatch=allow_config_mismatch, **options,
-            ),
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-            overlap=overlap,
+            coordinator, models, out, method, base, prepare_options,
+            overwrite=overwrite, resume=resume, progress=progress, overlap=overlap,
         )
     finally:
         coordinator.close()

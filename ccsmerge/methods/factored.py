@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lowrank import product_svd
 from ..tensor_values import per_model
 
 # Relative size below which a singular value of a product of factors is zero.
@@ -55,10 +56,9 @@ def _qr_pair(left, right):
 
 def _svd_of_product(left, right):
     """U, s, Vh of left @ right without forming it, trimmed to the nonzero singular values."""
-    q_left, r_left, q_right, r_right = _qr_pair(left, right)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.mT)
+    u, s, vh = product_svd(left, right)
     keep = _nonzero(s)
-    return q_left @ u[:, :keep], s[:keep], vh[:keep] @ q_right.mT
+    return u[:, :keep], s[:keep], vh[:keep]
 
 
 def _nonzero(s: torch.Tensor) -> int:
@@ -70,8 +70,9 @@ def _nonzero(s: torch.Tensor) -> int:
 def _nearest_orthonormal_tall(a: torch.Tensor) -> torch.Tensor:
     """The polar factor P Q^T of a tall m x K matrix a = P D Q^T, through a thin QR."""
     if a.shape[1] > a.shape[0]:
-        p, _, qh = torch.linalg.svd(a, full_matrices=False)
-        return p @ qh
+        from .svd_family import _nearest_orthonormal
+
+        return _nearest_orthonormal(a)
     q, r = torch.linalg.qr(a)
     p, _, qh = torch.linalg.svd(r)
     return q @ (p @ qh)
