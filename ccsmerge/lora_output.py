@@ -172,7 +172,8 @@ def _add_lora(writer, t, models, base, device, lora_rank) -> None:
 
 def _add_dense(writer, t, update, lora_rank, embedding) -> None:
     rank = lora_rank if lora_rank is not None else min(update.shape)
-    b, a, error = randomized_truncation(update.to(torch.float32), rank, seed=tensor_seed(0, t.name))
+    seed = tensor_seed(getattr(t.job.cfg, "seed", 0), t.name)  # the merge's seed where the method has one
+    b, a, error = randomized_truncation(update.to(torch.float32), rank, seed=seed)
     writer.add(t.name, b.cpu(), a.cpu(), embedding=embedding, relative_error=error, exact=False)
 
 

@@ -240,9 +240,12 @@ def merge_checkpoints(
         allow_config_mismatch=allow_config_mismatch, **options,
     )
     if output_format == "lora":
-        for option, given in (("resume", resume), ("distributed", distributed)):
+        not_applying = (("resume", resume), ("distributed", distributed), ("overlap", not overlap),
+                        ("out_shard_size", out_shard_size != DEFAULT_SHARD_SIZE))
+        for option, given in not_applying:
             if given:
-                raise MergeError(f"{option}: not supported with output_format='lora' (the adapter is written in one run)")
+                raise MergeError(f"{option}: not supported with output_format='lora' (the adapter is one file, "
+                                 "written in one run)")
         from .lora_output import merge_to_adapter
 
         prepared = prepare_merge(models, method, base, **prepare_options)

@@ -406,8 +406,10 @@ def test_lora_output_refusals(lora_set, tmp_path):
         ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, lora_rank=4)
     with pytest.raises(MergeError, match="output_format: 'gguf' is not one of"):
         ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, output_format="gguf")
-    with pytest.raises(MergeError, match="resume: not supported with output_format='lora'"):
-        ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, output_format="lora", resume=True)
+    for option, value in (("resume", True), ("overlap", False), ("out_shard_size", "1GB")):
+        with pytest.raises(MergeError, match=f"{option}: not supported with output_format='lora'"):
+            ccsmerge.merge_checkpoints(paths, tmp_path / "out", "cart", base=base_path, output_format="lora",
+                                       **{option: value})
     assert not (tmp_path / "out").exists()
 
 
@@ -451,3 +453,19 @@ def test_a_saved_base_layer_counts_only_where_it_differs(tmp_path, changed):
     theta1 = dense[1][name] + (layer.to(F64) - base[name].to(F64))
     ref = (dense[0][name] + theta1 + dense[2][name]) / 3
     assert torch.allclose(merged[name].to(F64), ref, rtol=0, atol=2e-6)
+
+
+def test_truncated_dense_lora_output_follows_the_seed(lora_set, tmp_path):
+    """Dense updates (a full fine-tune among the inputs) are truncated by the randomized engine with the merge's seed."""
+    from safetensors.torch import load_file
+
+    root, base_path, paths, _, dense = lora_set
+    full = write_checkpoint({k: v.to(torch.float32) for k, v in dense[0].items()}, tmp_path / "full")
+    outs = {}
+    for label, seed in (("a", 0), ("b", 0), ("c", 5)):
+        out = ccsmerge.merge_checkpoints([full, *paths[1:]], tmp_path / label, "cart", base=base_path, svd="exact",
+                                         seed=seed, output_format="lora", lora_rank=2)
+        outs[label] = load_file(out / "adapter_model.safetensors")
+    key = f"{PREFIX}model.layers.0.attn.q_proj.lora_A.weight"
+    assert torch.equal(outs["a"][key], outs["b"][key])
+    assert not torch.equal(outs["a"][key], outs["c"][key])
