@@ -17,7 +17,8 @@ Where a dense formula takes singular vectors of zero singular values (TSV-M's
 r/T triplets of a rank-r_t task vector, Iso-C's flat spectrum over min(m, n)
 values of a rank-R sum), those vectors are arbitrary: the factored merges use
 the nonzero part of each spectrum (singular values above NONZERO times the
-largest)."""
+largest). The planner gives a tensor this path only where at least one
+model changes it by factors."""
 
 from __future__ import annotations
 
@@ -78,26 +79,25 @@ def _nearest_orthonormal_tall(a: torch.Tensor) -> torch.Tensor:
     return q @ (p @ qh)
 
 
-def _zero(shape, like):
+def _zero(shape):
+    """An update of no columns: the merge is the base's tensor (times base_scale)."""
     m, n = shape
-    return torch.zeros(m, 0, dtype=WORK, device=like.device), torch.zeros(0, n, dtype=WORK, device=like.device)
+    return torch.zeros(m, 0, dtype=WORK), torch.zeros(0, n, dtype=WORK)
 
 
 def _present(deltas):
     return [d for d in deltas if d is not None]
 
 
-def sum_of(deltas, coefficients, shape):
+def sum_of(deltas, coefficients):
     """Σ_t c_t Δ_t as (left, right)."""
-    if not _present(deltas):
-        return _zero(shape, torch.empty(0))
     left, right, _ = _stacked(deltas, coefficients)
     return left, right
 
 
 def average_factored(job, deltas):
     T = len(deltas)
-    return (*sum_of(deltas, [1.0 / T] * T, job.shape), 1.0)
+    return (*sum_of(deltas, [1.0 / T] * T), 1.0)
 
 
 def linear_factored(job, deltas):
@@ -105,8 +105,8 @@ def linear_factored(job, deltas):
     weights = per_model(job.cfg.weight, job.tasks)
     total = float(sum(weights))
     if job.cfg.normalize:
-        return (*sum_of(deltas, [w / total for w in weights], job.shape), 1.0)
-    return (*sum_of(deltas, weights, job.shape), total)
+        return (*sum_of(deltas, [w / total for w in weights]), 1.0)
+    return (*sum_of(deltas, weights), total)
 
 
 def task_arithmetic_factored(job, deltas):
@@ -116,20 +116,18 @@ def task_arithmetic_factored(job, deltas):
     if job.cfg.normalize:
         total = float(sum(weights))
         scale = scale / (total if abs(total) >= 1e-8 else 1.0)
-    return (*sum_of(deltas, [w * scale for w in weights], job.shape), 1.0)
+    return (*sum_of(deltas, [w * scale for w in weights]), 1.0)
 
 
 def mean_task_vector_factored(job, deltas):
     T = len(deltas)
-    return (*sum_of(deltas, [job.cfg.lam / T] * T, job.shape), 1.0)
+    return (*sum_of(deltas, [job.cfg.lam / T] * T), 1.0)
 
 
 def cart_factored(job, deltas):
     """θ_avg + lam * Σ_t LowRank_k(θ_t - θ_avg) with the centered matrices'
     SVDs from R x R cores (exact)."""
     T, k, lam = len(deltas), job.rank, job.cfg.lam
-    if not _present(deltas):
-        return (*_zero(job.shape, torch.empty(0)), 1.0)
     left, right, blocks = _stacked(deltas)
     q_left, r_left, q_right, r_right = _qr_pair(left, right)
     total = left.shape[1]
@@ -145,11 +143,6 @@ def cart_factored(job, deltas):
     return q_left @ core, q_right.mT, 1.0
 
 
-def cart_update_rank(deltas) -> int:
-    """The rank bound of the centered task vectors: Σ r_t over the inputs that change the module."""
-    return sum(d[0].shape[1] for d in _present(deltas))
-
-
 def tsv_m_factored(job, deltas):
     """W0 + lam * U⊥ Σ V⊥^T over every task's top min(k, rank Δ_t) triplets."""
     k, lam = job.rank, job.cfg.lam
@@ -160,7 +153,7 @@ def tsv_m_factored(job, deltas):
         ss.append(s[:k])
         vhs.append(vh[:k])
     if not ss or sum(s.numel() for s in ss) == 0:
-        return (*_zero(job.shape, torch.empty(0)), 1.0)
+        return (*_zero(job.shape), 1.0)
     u_orth = _nearest_orthonormal_tall(torch.cat(us, 1))
     v_orth = _nearest_orthonormal_tall(torch.cat(vhs, 0).mT)
     return u_orth * (lam * torch.cat(ss)), v_orth.mT, 1.0
@@ -168,12 +161,10 @@ def tsv_m_factored(job, deltas):
 
 def iso_c_factored(job, deltas):
     """W0 + lam * σ̄ U V^T over the nonzero spectrum of Σ_t Δ_t."""
-    if not _present(deltas):
-        return (*_zero(job.shape, torch.empty(0)), 1.0)
     left, right, _ = _stacked(deltas)
     u, s, vh = _svd_of_product(left, right)
     if s.numel() == 0:
-        return (*_zero(job.shape, left), 1.0)
+        return (*_zero(job.shape), 1.0)
     return u * (job.cfg.lam * s.mean()), vh, 1.0
 
 
@@ -182,14 +173,12 @@ def iso_cts_factored(job, deltas):
     per task, the top directions of Δ_t outside them (at most its rank)."""
     from .svd_family import iso_cts_split
 
-    if not _present(deltas):
-        return (*_zero(job.shape, torch.empty(0)), 1.0)
     T = len(deltas)
     left, right, _ = _stacked(deltas)
     u, s, vh = _svd_of_product(left, right)
     r = s.numel()
     if r == 0:
-        return (*_zero(job.shape, left), 1.0)
+        return (*_zero(job.shape), 1.0)
     common, per_task = iso_cts_split(r, T, job.cfg.common_space_fraction)
     us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
     if per_task:
