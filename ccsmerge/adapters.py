@@ -173,7 +173,7 @@ class LoraAdapter:
 
     def update_shape(self, name: str) -> tuple[int, int]:
         f = self.factors[name]
-        (r, n), (m, _) = self.ckpt.tensors[f.a].shape, self.ckpt.tensors[f.b].shape
+        (_, n), (m, _) = self.ckpt.tensors[f.a].shape, self.ckpt.tensors[f.b].shape
         return (n, m) if f.transposed else (m, n)
 
     def check_against(self, base) -> None:

@@ -101,6 +101,34 @@ def ref_ties(xs, base, density: float, lam: float) -> torch.Tensor:
     return torch.tensor(out, dtype=F64).reshape(base.shape)
 
 
+def ref_consensus(taus, ties: bool, normalize: bool):
+    """Task arithmetic's sum (or mean) of (T, N) task vectors, or TIES' elected
+    sign (that of the sum) and the sum (or mean) of the values agreeing with it."""
+    if not ties:
+        return taus.mean(0) if normalize else taus.sum(0)
+    elected = taus.sum(0).sign()
+    agree = (taus.sign() == elected) & (taus != 0)
+    total = (taus * agree).sum(0)
+    return total / agree.sum(0).clamp(min=1) if normalize else total
+
+
+def ref_breadcrumbs_kept(taus, density: float, gamma: float):
+    """Model Breadcrumbs' kept values of (T, N) task vectors, with mergekit's
+    counts: keep int(density N) after dropping the int(gamma N) largest |tau|
+    (fewer if the two exceed N), ranked by the float32 magnitude, then the index."""
+    N = taus.shape[1]
+    kept = torch.zeros_like(taus)
+    for t in range(taus.shape[0]):
+        if density >= 1:
+            kept[t] = taus[t]
+            continue
+        keep = int(density * N)
+        bottom = max(0, N - keep - int(gamma * N))
+        chosen = torch.sort(taus[t].float().abs(), stable=True).indices[bottom : bottom + keep]
+        kept[t, chosen] = taus[t, chosen]
+    return kept
+
+
 def polar(a: torch.Tensor) -> torch.Tensor:
     """The orthonormal polar factor P Q^T of a = P D Q^T."""
     p, _, qh = torch.linalg.svd(a, full_matrices=False)

@@ -16,6 +16,7 @@ import ccsmerge
 from ccsmerge.cli import main
 from ccsmerge.methods.dare import stream_key, uniform_bits
 from checkpoints import load_output, smallest_budget, toy_set, write_set
+from reference import ref_breadcrumbs_kept, ref_consensus
 
 NEW_METHODS = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 
@@ -23,17 +24,6 @@ NEW_METHODS = ("dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
 def task_vectors64(models, base, name):
     b = base[name].double().reshape(-1)
     return torch.stack([sd[name].double().reshape(-1) - b for sd in models]), b
-
-
-def consensus64(taus, ties: bool, normalize: bool):
-    """Task arithmetic's sum (or mean), or TIES' elected sign (that of the
-    sum) and the sum (or mean) of the values agreeing with it."""
-    if not ties:
-        return taus.mean(0) if normalize else taus.sum(0)
-    elected = taus.sum(0).sign()
-    agree = (taus.sign() == elected) & (taus != 0)
-    total = (taus * agree).sum(0)
-    return total / agree.sum(0).clamp(min=1) if normalize else total
 
 
 def dare_mask(seed, name, t, numel):
@@ -47,7 +37,7 @@ def dare64(models, base, name, *, density, lam, seed, ties, normalize=False):
     taus, b = task_vectors64(models, base, name)
     masks = torch.stack([dare_mask(seed, name, t, taus.shape[1]) < density for t in range(len(models))])
     rescaled = torch.where(masks, taus / density, 0.0)
-    return (b + lam * consensus64(rescaled, ties, normalize)).reshape(base[name].shape)
+    return (b + lam * ref_consensus(rescaled, ties, normalize)).reshape(base[name].shape)
 
 
 def breadcrumbs64(models, base, name, *, density, gamma, lam, ties, normalize=False):
@@ -56,18 +46,8 @@ def breadcrumbs64(models, base, name, *, density, gamma, lam, ties, normalize=Fa
     keep int(density N), drop int(gamma N) largest, fewer if the two exceed
     N); ranks by (|tau|, index)."""
     taus, b = task_vectors64(models, base, name)
-    N = taus.shape[1]
-    kept = torch.zeros_like(taus)
-    for t in range(len(models)):
-        if density >= 1:
-            kept[t] = taus[t]
-            continue
-        keep = int(density * N)
-        bottom = max(0, N - keep - int(gamma * N))
-        order = torch.sort(taus[t].float().abs(), stable=True).indices  # float32 magnitudes, as merged
-        chosen = order[bottom : bottom + keep]
-        kept[t, chosen] = taus[t, chosen]
-    return (b + lam * consensus64(kept, ties, normalize)).reshape(base[name].shape)
+    kept = ref_breadcrumbs_kept(taus, density, gamma)
+    return (b + lam * ref_consensus(kept, ties, normalize)).reshape(base[name].shape)
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .run import SIZES, Clock, bucketize, cache_key, class_means, correct, finetune, paired
+from .run import SIZES, Clock, correct, finetune, load_tasks, optimize
 
 FRACTIONS = [0.02, 0.05, 0.1, 0.12, 0.2, 0.3, 0.5, 0.75]
 CART_LAMS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -89,21 +88,9 @@ def finetune_lora(model, buckets, head, start, base, r, args, seed):
     g = torch.Generator().manual_seed(seed)
     factors = init_factors(base, lora_modules(start, model.layers), r, g)
     scale = args.alpha_ratio  # lora_alpha / r, with lora_alpha = alpha_ratio * r
-    opt = torch.optim.AdamW([p for ab in factors.values() for p in ab], lr=args.lora_lr, weight_decay=0.0)
-    steps = args.epochs * len(buckets)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, (steps - s) / steps))
-    losses = []
-    for _ in range(args.epochs):
-        for i in torch.randperm(len(buckets), generator=g).tolist():
-            h, m, y = buckets[i]
-            e = F.normalize(model.top(h, m, with_lora(base, factors, scale), start), dim=-1)
-            loss = F.cross_entropy(args.scale * e @ head.T, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+    trainable = [p for ab in factors.values() for p in ab]
+    losses = optimize(model, buckets, head, start, trainable, lambda: with_lora(base, factors, scale),
+                      args.lora_lr, args, g)
     return {mod: (a.detach(), b.detach()) for mod, (a, b) in factors.items()}, scale, losses
 
 
@@ -260,12 +247,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.bf16 = False  # the frozen-layer cache is shared with run.py's float32 runs
 
-    import ccsmerge
-
     from . import lora_report
     from .model import MiniLM, load_tokenizer
     from .sources import Sources
-    from .tasks import BUILDERS, split
 
     torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     torch.manual_seed(args.seed)
@@ -280,20 +264,7 @@ def main(argv=None):
         model = MiniLM(model_dir)
         tok = load_tokenizer(model_dir, args.max_len)
         start = model.layers - args.tuned_layers
-        names = args.tasks.split(",") if args.tasks else list(BUILDERS)
-        tasks, data, heads = [], {}, {}
-        for name in names:
-            task = BUILDERS[name](src)
-            tasks.append(task)
-            path = cache / "frozen" / f"{name}-{cache_key(args, name)}.pt"
-            if path.is_file():
-                data[name] = torch.load(path, weights_only=True)
-            else:
-                splits = split(task, SIZES, args.seed)
-                data[name] = {s: bucketize(model, tok, ex, start, args.batch, False) for s, ex in splits.items()}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(data[name], path)
-            heads[name] = class_means(model, data[name]["train"], len(task.classes), start)
+        tasks, data, heads = load_tasks(args, src, model, tok, start, cache)
         clock.lap("wheels, data, frozen layers, heads")
 
         base = {k: v for i in range(start, model.layers) for k, v in model.layer_state(i).items()}

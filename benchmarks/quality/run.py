@@ -132,11 +132,11 @@ def correct(model, buckets, head, params, start, bf16=False) -> torch.Tensor:
     return torch.cat(out).float()
 
 
-def finetune(model, buckets, head, start, args, seed):
-    base = {k: v for i in range(start, model.layers) for k, v in model.layer_state(i).items()}
-    params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
-    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
+def optimize(model, buckets, head, start, trainable, params_of, lr, args, g) -> list[float]:
+    """AdamW on `trainable` (warm-up over 10 % of the steps, then linear decay),
+    batches in an order drawn from g; params_of() gives the tuned layers'
+    tensors the forward pass uses. The losses, per step."""
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     steps = args.epochs * len(buckets)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, (steps - s) / steps))
@@ -145,7 +145,7 @@ def finetune(model, buckets, head, start, args, seed):
         for b in torch.randperm(len(buckets), generator=g).tolist():
             h, m, y = buckets[b]
             with amp(args.bf16):
-                e = model.top(h, m, params, start)
+                e = model.top(h, m, params_of(), start)
             e = F.normalize(e.float(), dim=-1)
             loss = F.cross_entropy(args.scale * e @ head.T, y)
             opt.zero_grad()
@@ -153,7 +153,37 @@ def finetune(model, buckets, head, start, args, seed):
             opt.step()
             sched.step()
             losses.append(loss.item())
+    return losses
+
+
+def finetune(model, buckets, head, start, args, seed):
+    base = {k: v for i in range(start, model.layers) for k, v in model.layer_state(i).items()}
+    params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+    g = torch.Generator().manual_seed(seed)
+    losses = optimize(model, buckets, head, start, list(params.values()), lambda: params, args.lr, args, g)
     return {k: v.detach() for k, v in params.items()}, losses
+
+
+def load_tasks(args, src, model, tok, start, cache):
+    """The tasks, each split's frozen-layer outputs (cached under cache/frozen) and
+    each task's frozen class-mean head."""
+    from .tasks import BUILDERS, split
+
+    names = args.tasks.split(",") if args.tasks else list(BUILDERS)
+    tasks, data, heads = [], {}, {}
+    for name in names:
+        task = BUILDERS[name](src)
+        tasks.append(task)
+        path = cache / "frozen" / f"{name}-{cache_key(args, name)}.pt"
+        if path.is_file():
+            data[name] = torch.load(path, weights_only=True)
+        else:
+            splits = split(task, SIZES, args.seed)
+            data[name] = {s: bucketize(model, tok, ex, start, args.batch, args.bf16) for s, ex in splits.items()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(data[name], path)
+        heads[name] = class_means(model, data[name]["train"], len(task.classes), start)
+    return tasks, data, heads
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -220,7 +250,6 @@ def main(argv=None):
     from . import report
     from .model import MiniLM, load_tokenizer
     from .sources import Sources
-    from .tasks import BUILDERS, split
 
     torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     torch.manual_seed(args.seed)
@@ -238,20 +267,7 @@ def main(argv=None):
         model = MiniLM(model_dir)
         tok = load_tokenizer(model_dir, args.max_len)
         start = model.layers - args.tuned_layers
-        names = args.tasks.split(",") if args.tasks else list(BUILDERS)
-        tasks, data, heads = [], {}, {}
-        for name in names:
-            task = BUILDERS[name](src)
-            tasks.append(task)
-            path = cache / "frozen" / f"{name}-{cache_key(args, name)}.pt"
-            if path.is_file():
-                data[name] = torch.load(path, weights_only=True)
-            else:
-                splits = split(task, SIZES, args.seed)
-                data[name] = {s: bucketize(model, tok, ex, start, args.batch, args.bf16) for s, ex in splits.items()}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(data[name], path)
-            heads[name] = class_means(model, data[name]["train"], len(task.classes), start)
+        tasks, data, heads = load_tasks(args, src, model, tok, start, cache)
         clock.lap("data, frozen layers, heads")
 
         base = {k: v for i in range(start, model.layers) for k, v in model.layer_state(i).items()}

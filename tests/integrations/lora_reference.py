@@ -28,6 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from reference import polar, ref_breadcrumbs_kept
+from reference import ref_consensus as consensus
+from reference import ref_truncated as truncated
+
 F64 = torch.float64
 RANK_THRESHOLD = 1e-10
 HIDDEN, LAYERS, VOCAB, INTERMEDIATE = 64, 2, 128, 96
@@ -164,16 +168,6 @@ def numerical_rank(s: torch.Tensor, scale: float | None = None) -> int:
     return int((s > RANK_THRESHOLD * top).sum()) if top > 0 else 0
 
 
-def polar(a: torch.Tensor) -> torch.Tensor:
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
-
-
-def truncated(a: torch.Tensor, k: int) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return (u[:, :k] * s[:k]) @ vh[:k]
-
-
 def truncation_error(a: torch.Tensor, k: int) -> float:
     """||a - a_k||_F / ||a||_F, the optimal relative rank-k error."""
     s = torch.linalg.svdvals(a)
@@ -242,17 +236,6 @@ def iso_cts(base, deltas, lam=1.0, common_space_fraction=0.8):
     return base + lam * torch.cat(ss).mean() * (polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T)
 
 
-def consensus(taus, ties: bool, normalize: bool):
-    """The (weighted) task vectors' sum or mean, or TIES' elected sign and the
-    sum or mean of the values agreeing with it."""
-    if not ties:
-        return taus.mean(0) if normalize else taus.sum(0)
-    elected = taus.sum(0).sign()
-    agree = (taus.sign() == elected) & (taus != 0)
-    total = (taus * agree).sum(0)
-    return total / agree.sum(0).clamp(min=1) if normalize else total
-
-
 def ties(base, deltas, density=0.2, lam=1.0):
     taus = torch.stack([d.reshape(-1) for d in deltas])
     keep = max(1, int(density * taus.shape[1]))
@@ -277,20 +260,8 @@ def dare(base, deltas, name, ties_, density=1.0, lam=1.0, seed=0):
 
 
 def breadcrumbs(base, deltas, ties_, density=1.0, gamma=0.01, lam=1.0):
-    """Davari & Belilovsky 2024 with mergekit's counts: keep int(density N)
-    after dropping the int(gamma N) largest |tau| (ranked by the float32
-    magnitude, then the index)."""
-    taus = torch.stack([d.reshape(-1) for d in deltas])
-    N = taus.shape[1]
-    kept = torch.zeros_like(taus)
-    for t in range(len(deltas)):
-        if density >= 1:
-            kept[t] = taus[t]
-            continue
-        keep = int(density * N)
-        bottom = max(0, N - keep - int(gamma * N))
-        chosen = torch.sort(taus[t].float().abs(), stable=True).indices[bottom : bottom + keep]
-        kept[t, chosen] = taus[t, chosen]
+    """Davari & Belilovsky 2024 with mergekit's counts (reference.ref_breadcrumbs_kept)."""
+    kept = ref_breadcrumbs_kept(torch.stack([d.reshape(-1) for d in deltas]), density, gamma)
     return base + lam * consensus(kept, ties_, False).reshape(base.shape)
 
 
