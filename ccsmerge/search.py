@@ -67,6 +67,8 @@ def search(
         if isinstance(values, (list, tuple)) and name not in ("lowrank_include", "lowrank_exclude", "lowrank_stacked"):
             raise MergeError(f"search: method '{method}' has no '{name}' to search (its axis: {second or 'lam only'})")
     cfg = make_config(method=method, device=str(device), **options)
+    if second == "rank_ratio" and getattr(cfg, "rank", None) is not None:
+        raise MergeError("search: rank fixes CART's k, which the rank_ratio axis varies; search rank_ratio without rank")
     has_lam = spec.param("lam") is not None
     lams = list(lam) if lam is not None else [cfg.lam if has_lam else None]
     seconds = [None] if second is None else (list(grid) if grid is not None else [getattr(cfg, second)])

@@ -112,6 +112,8 @@ def test_bad_grids_are_refused():
         ccsmerge.search(models, lambda sd: 0.0, "cart", rank_ratio=[0.1, 1.5])
     with pytest.raises(ccsmerge.MergeError, match="at least one value"):
         ccsmerge.search(models, lambda sd: 0.0, "cart", lam=[])
+    with pytest.raises(ccsmerge.MergeError, match="rank fixes CART's k"):
+        ccsmerge.search(models, lambda sd: 0.0, "cart", rank=3, rank_ratio=[0.1, 0.2])
 
 
 def test_cli_search(tmp_path, monkeypatch, capsys):
