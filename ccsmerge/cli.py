@@ -196,7 +196,7 @@ def _extract_lora_parser(commands) -> None:
     extract.add_argument("--seed", type=int, default=0, help="the randomized engine's seed (default 0)")
     extract.add_argument("--oversample", type=int, default=10, help="sketch columns beyond the rank (default 10)")
     extract.add_argument("--power-iters", type=int, default=2, help="power iterations (default 2)")
-    extract.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+    extract.add_argument("--dtype", choices=DTYPES,
                          help="the adapter's dtype (default: the model's)")
     extract.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     extract.add_argument("--exclude", action="append", default=[], metavar="REGEX",

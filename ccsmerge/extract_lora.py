@@ -27,10 +27,11 @@ from .lowrank import sketch_width
 from .merge import full_precision_matmuls, resolve_device
 from .numerics import all_finite, row_blocks, tensor_seed
 from .planning import natural_order
+from .recipe import DTYPES as DTYPE_NAMES
 from .sizes import format_size, parse_size
 from .streaming import default_budget
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # Modules taken as nn.Embedding (rows are token ids): their update is saved as lora_embedding_A/B.
 EMBEDDING_MODULES = (
     r"(^|\.)(embed_tokens|embed_in|embed_positions|tok_embeddings|word_embeddings|position_embeddings"
