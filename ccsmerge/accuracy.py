@@ -193,11 +193,11 @@ class ConvergenceMonitor:
         self.estimate = math.inf
         self.update_norm = 0.0
 
-    def observe(self, factors, spectra: torch.Tensor, noise_level: float = 0.0) -> float:
-        """The estimate after one more iterate (factors, and its sketch's l singular values).
-        noise_level: the relative error the arithmetic itself leaves in every iterate; a change
-        at that level is noise, and the observed ratio of changes is not taken as the rate."""
-        seen = probe_update(factors, self.probe)
+    def observe(self, seen: torch.Tensor, spectra: torch.Tensor, noise_level: float = 0.0) -> float:
+        """The estimate after one more iterate (its update seen through the probe, as
+        probe_update gives it, and its sketch's l singular values). noise_level: the relative
+        error the arithmetic itself leaves in every iterate; a change at that level is noise,
+        and the observed ratio of changes is not taken as the rate."""
         self.update_norm = float(seen.norm()) / math.sqrt(PROBE_COLUMNS)
         previous, self.previous = self.previous, seen
         if self.complete or self.update_norm == 0.0:

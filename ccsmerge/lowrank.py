@@ -238,9 +238,12 @@ def adaptive_randomized_svd_over_rows(
     fast_floor = 0.0
     iters = 0
     while True:
-        factors, spectra = _top_triplets_and_spectra(q, bt, k)
+        # An iterate's estimate needs only the eigen-decomposition of its sketch and the update
+        # seen through the probe; the factors are formed once, for the iterate that stops.
+        eigen, spectra = _sketch_eigen(bt)
         arithmetic_floor = accuracy.FAST_MARGIN * fast_floor if passes.fast else 0.0
-        estimate = monitor.observe(factors, spectra, noise_level=arithmetic_floor)
+        seen = _probe_update_from_eigen(q, bt, eigen, k, monitor.probe)
+        estimate = monitor.observe(seen, spectra, noise_level=arithmetic_floor)
         estimate += accuracy.ARITHMETIC_MARGIN * accuracy.rounding_floor(
             spectra, k, shape, arithmetic_noise, monitor.update_norm
         ) + arithmetic_floor
@@ -252,15 +255,16 @@ def adaptive_randomized_svd_over_rows(
             fast_noise = fast_arithmetic.product_noise(device, centered_rms)
             fast_floor = accuracy.rounding_floor(spectra, k, shape, fast_noise, monitor.update_norm)
             passes.fast = accuracy.FAST_MARGIN * fast_floor <= accuracy.FAST_SHARE * target
-        # What stays alive is what the fixed algorithm holds: one set of factors (at the
-        # end), and not the previous D^T Q while the next basis is formed.
-        del factors, spectra
+        # What stays alive is what the fixed algorithm holds: not the previous D^T Q while
+        # the next basis is formed.
+        del eigen, spectra, seen
         rhs = passes.orthonormalize_rhs(bt)
         del bt
         q = passes.range_basis(rhs)
         del rhs
         bt = passes.transposed_product(q)
         iters += 1
+    factors = _factors_from_eigen(q, bt, eigen, k)
     capped = estimate > target
     if capped and warn_at_cap:
         warnings.warn(
@@ -283,13 +287,29 @@ def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 def _top_triplets_and_spectra(q, bt, k):
     """top_triplets and all l singular values of every B_t (T, l), descending, in float64."""
+    eigen, spectra = _sketch_eigen(bt)
+    return _factors_from_eigen(q, bt, eigen, k), spectra
+
+
+def _sketch_eigen(bt):
+    """(eigen, spectra) of every B_t from bt = B^T: float32, the eigen-decomposition of the
+    l x l Gram matrix B B^T in float64 (eigenvalues ascending); float64, the SVD of bt itself
+    (no wider type to square into). spectra: the l singular values (T, l), descending."""
     if bt.dtype == torch.float64:
-        v, s, wh = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
-        return (q @ wh.mT[..., :k], s[..., :k], v.mT[..., :k, :]), s
+        eigen = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
+        return eigen, eigen.S
     # The float64 copies of the (n x l) B^T are made one task at a time: their
     # memory is that of one task, not T. The l x l eigenproblems stay batched.
     gram = torch.stack([b.mT @ b for b in (bt[t].to(torch.float64) for t in range(bt.shape[0]))])
-    eigen = torch.linalg.eigh(gram)  # eigenvalues ascend
+    eigen = torch.linalg.eigh(gram)
+    return eigen, eigen.eigenvalues.clamp_min(0).sqrt().flip(-1)
+
+
+def _factors_from_eigen(q, bt, eigen, k):
+    """The top-k triplets (U, S, Vh) of every Q_t B_t from _sketch_eigen's decomposition."""
+    if bt.dtype == torch.float64:
+        v, s, wh = eigen
+        return q @ wh.mT[..., :k], s[..., :k], v.mT[..., :k, :]
     ws = eigen.eigenvectors[..., -k:]
     dtype = q.dtype
     us, ss, vhs = [], [], []
@@ -303,8 +323,22 @@ def _top_triplets_and_spectra(q, bt, k):
         us.append(q[t] @ w.to(dtype))
         ss.append(s.to(dtype))
         vhs.append(_polar_step(vh).to(dtype))
-    spectra = eigen.eigenvalues.clamp_min(0).sqrt().flip(-1)
-    return (torch.stack(us), torch.stack(ss), torch.stack(vhs)), spectra
+    return torch.stack(us), torch.stack(ss), torch.stack(vhs)
+
+
+def _probe_update_from_eigen(q, bt, eigen, k, probe: torch.Tensor) -> torch.Tensor:
+    """sum_t U_t S_t Vh_t G (float64, m x g) without forming the factors: U_t S_t Vh_t is
+    Q_t W_t W_t^T B_t, the projection of the sketch on its top k left singular vectors,
+    so the probe costs O(T (m + n) l g) instead of the factors' O(T (m + n) l k)."""
+    if bt.dtype == torch.float64:
+        return accuracy.probe_update(_factors_from_eigen(q, bt, eigen, k), probe)
+    ws = eigen.eigenvectors[..., -k:]
+    seen = None
+    for t in range(bt.shape[0]):
+        projected = ws[t] @ (ws[t].mT @ (bt[t].mT @ probe).to(torch.float64))  # (l, g)
+        part = (q[t] @ projected.to(q.dtype)).to(torch.float64)
+        seen = part if seen is None else seen.add_(part)
+    return seen
 
 
 def _polar_step(x: torch.Tensor) -> torch.Tensor:
