@@ -192,8 +192,9 @@ def adaptive_randomized_svd_over_rows(
     (accuracy.resolve_target of tolerance), at most max_power_iters, with a warning
     naming the tensor when the cap stops it above the target. Every iterate is the
     one the fixed algorithm gives after that many iterations (same products, same
-    bytes); each adds, besides its two passes, the small SVD of its sketch and a
-    probe of g = 16 columns (O(T (m + n) l (l + g))), so the estimate needs no extra
+    bytes); each adds, besides its two passes, the eigen-decomposition of its sketch's
+    Gram matrix (O(T (n l^2 + l^3))) and a probe of g = 16 columns (O(T (m + n) l g);
+    the factors are formed once, at the end), so the estimate needs no extra
     pass over the inputs: it is computed from the sketch the blocked algorithm
     already holds (Q whole, D^T Q summed over blocks). The rounding floor's noise
     level comes from the center's norm, summed in the first pass.
