@@ -23,6 +23,7 @@ from .errors import MergeError
 from .merge import check_dtype
 from .methods import TensorJob, decide, treatment_of
 from .numerics import compute_dtype
+from .recipe import DTYPES as DTYPE_NAMES
 from .shard_writer import OutputTensor, plan_shards
 from .sizes import format_size
 from .tensor_values import resolver
@@ -279,8 +280,6 @@ def check_compatible(models: list[Checkpoint], base: Checkpoint | None) -> list[
                 )
     return names
 
-
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def _short(dtype: torch.dtype) -> str:
