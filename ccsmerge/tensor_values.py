@@ -24,13 +24,13 @@ treatments read plain numbers and the plan shows what each tensor got."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from .errors import MergeError
+from .layers import layer_of
 
 Plain = bool | int | float | str
 
@@ -134,26 +134,23 @@ def evaluate(value: Any, name: str, t: float) -> Any:
     return value
 
 
-# A layer's tensors: `<stack>.<i>.` with the stack named as transformers' models name them.
-LAYER = re.compile(r"^(?P<stack>(?:.*\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.")
-
-
 def layer_position(name: str, stack_sizes: dict[str, int]) -> float:
     """t of a tensor: its layer's place in its stack, 0 outside the layers."""
-    match = LAYER.match(name)
-    if match is None:
+    where = layer_of(name)
+    if where is None:
         return 0.0
-    layers = stack_sizes[match["stack"]]
-    return int(match["index"]) / (layers - 1) if layers > 1 else 1.0
+    stack, index = where
+    layers = stack_sizes[stack]
+    return index / (layers - 1) if layers > 1 else 1.0
 
 
 def stack_sizes(names: Iterable[str]) -> dict[str, int]:
     """How many layers each stack has: one more than its largest layer index."""
     sizes: dict[str, int] = {}
     for name in names:
-        match = LAYER.match(name)
-        if match is not None:
-            sizes[match["stack"]] = max(sizes.get(match["stack"], 0), int(match["index"]) + 1)
+        where = layer_of(name)
+        if where is not None:
+            sizes[where[0]] = max(sizes.get(where[0], 0), where[1] + 1)
     return sizes
 
 

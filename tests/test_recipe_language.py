@@ -280,6 +280,10 @@ def test_gradient_interpolation_as_mergekit():
     assert sizes == {"model.layers": 5}
     assert layer_position("model.layers.3.w", sizes) == 0.75 and layer_position("model.embed.weight", sizes) == 0
     assert layer_position("h.0.w", {"h": 1}) == 1.0  # one layer: t = 1, as mergekit has it
+    # a block's sub-layers (T5: encoder.block.N.layer.M.) take the block's place, not the sub-layer's
+    t5 = [f"encoder.block.{i}.layer.{j}.w" for i in range(3) for j in range(2)]
+    assert stack_sizes(t5) == {"encoder.block": 3}
+    assert [layer_position(f"encoder.block.{i}.layer.1.w", stack_sizes(t5)) for i in range(3)] == [0.0, 0.5, 1.0]
 
 
 def test_per_tensor_values_in_row_blocks_equal_whole(tmp_path, inputs):
