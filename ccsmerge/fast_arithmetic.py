@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from . import accuracy, kernels
+from .numerics import one_thread_factorizations
 
 # Columns (or rows) of the centered panel: ~4 MiB of float32 stays in cache between
 # the subtraction, the rounding and the GEMM that reads it.
@@ -143,7 +144,10 @@ def cholesky_qr(y: torch.Tensor, rounds: int = 2) -> torch.Tensor:
             q = _cholesky_round(q, check_identity=round_ > 0)
             if q is None:
                 break
-        out[i] = q if q is not None else torch.linalg.qr(panel, mode="reduced").Q
+        if q is None:
+            with one_thread_factorizations(panel.device):
+                q = torch.linalg.qr(panel, mode="reduced").Q
+        out[i] = q
     return out.reshape(y.shape)
 
 
@@ -154,7 +158,8 @@ def _cholesky_round(y: torch.Tensor, check_identity: bool) -> torch.Tensor | Non
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         if float((gram - eye).abs().amax()) > _MAX_ORTHOGONALITY_LOSS:
             return None
-    lower, info = torch.linalg.cholesky_ex(gram)
+    with one_thread_factorizations(gram.device):
+        lower, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         return None
     diagonal = lower.diagonal()

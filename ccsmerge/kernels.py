@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _extension, fallback
+from .numerics import one_thread_factorizations
 
 __all__ = ["mean", "centered_matmul", "orthonormalize", "lowrank_update"]
 
@@ -52,9 +53,10 @@ def centered_matmul(
 
 def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis (same shape) of the column space of each tall panel of y."""
-    if _native("orthonormalize", y.device):
-        return torch.ops.ccsmerge.orthonormalize.default(y)
-    return fallback.orthonormalize(y)
+    with one_thread_factorizations(y.device):
+        if _native("orthonormalize", y.device):
+            return torch.ops.ccsmerge.orthonormalize.default(y)
+        return fallback.orthonormalize(y)
 
 
 def lowrank_update(

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from . import accuracy, fast_arithmetic, kernels
-from .numerics import compute_dtype
+from .numerics import compute_dtype, one_thread_factorizations
 
 
 def product_svd(left: torch.Tensor, right: torch.Tensor):
     """U, s, Vh of left @ right (m x R and R x n, R small) without forming it:
     with left = Q_l R_l and right^T = Q_r R_r (thin QRs), left @ right =
     Q_l (R_l R_r^T) Q_r^T, so its SVD is the R x R core's, rotated."""
-    q_left, r_left = torch.linalg.qr(left)
-    q_right, r_right = torch.linalg.qr(right.mT)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.mT)
+    with one_thread_factorizations(left.device):
+        q_left, r_left = torch.linalg.qr(left)
+        q_right, r_right = torch.linalg.qr(right.mT)
+        u, s, vh = torch.linalg.svd(r_left @ r_right.mT)
     return q_left @ u, s, vh @ q_right.mT
 
 
@@ -297,12 +298,14 @@ def _sketch_eigen(bt):
     l x l Gram matrix B B^T in float64 (eigenvalues ascending); float64, the SVD of bt itself
     (no wider type to square into). spectra: the l singular values (T, l), descending."""
     if bt.dtype == torch.float64:
-        eigen = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
+        with one_thread_factorizations(bt.device):
+            eigen = torch.linalg.svd(bt, full_matrices=False)  # bt = v diag(s) wh
         return eigen, eigen.S
     # The float64 copies of the (n x l) B^T are made one task at a time: their
     # memory is that of one task, not T. The l x l eigenproblems stay batched.
     gram = torch.stack([b.mT @ b for b in (bt[t].to(torch.float64) for t in range(bt.shape[0]))])
-    eigen = torch.linalg.eigh(gram)
+    with one_thread_factorizations(gram.device):
+        eigen = torch.linalg.eigh(gram)
     return eigen, eigen.eigenvalues.clamp_min(0).sqrt().flip(-1)
 
 

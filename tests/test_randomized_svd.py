@@ -239,3 +239,51 @@ def test_cuda_randomized_svd_agrees_with_cpu(cuda_device):
     for dev in ("cpu", cuda_device):
         u, s, vh = randomized_svd(a64.float().to(dev), k)
         assert float((_reconstruct(u, s, vh) - ref).norm()) <= 1e-3 * float(ref.norm())
+
+
+def test_factorizations_run_on_one_thread_and_restore_the_count():
+    from ccsmerge.numerics import one_thread_factorizations
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread_factorizations(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread_factorizations(torch.device("cpu")):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with one_thread_factorizations(torch.device("cuda")):  # a device without CPU threads: unchanged
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("tolerance", [None, "auto"])
+def test_merge_factorizations_see_one_thread_and_gemms_all(monkeypatch, tolerance):
+    """The randomized engine's QR, Cholesky and eigh run on one thread (their barriers stall
+    when the cores are shared); the merge keeps the caller's thread count elsewhere."""
+    import ccsmerge
+
+    seen = {}
+
+    def recording(name, fn):
+        def call(*args, **kwargs):
+            seen.setdefault(name, set()).add(torch.get_num_threads())
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("qr", "eigh", "cholesky_ex"):
+        monkeypatch.setattr(torch.linalg, name, recording(name, getattr(torch.linalg, name)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(96, 64, generator=g)
+        models = [{"w": base + 0.05 * torch.randn(96, 64, generator=g)} for _ in range(3)]
+        ccsmerge.merge(models, method="cart", rank_ratio=0.25, tolerance=tolerance)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen.get("eigh") == {1}
+    assert all(counts == {1} for counts in seen.values()), seen
