@@ -51,8 +51,8 @@ def _inputs():
     results = {key: {"test": [(torch.rand(N, generator=g) < 0.6).float() for _ in tasks], "val": 0.6,
                      "setting": {}} for key, _ in ROWS}
     results["cart_exact"] = {"test": exact, "val": 0.7, "setting": setting, "method": "cart"}
-    results["cart_randomized"] = {"test": [c.clone() for c in exact], "val": 0.7, "setting": setting,
-                                  "method": "cart", "accuracy": found}
+    results["cart_randomized"] = {"test": [c.clone() for c in exact], "val": 0.7,
+                                  "setting": {**setting, "rank_ratio": 0.16}, "method": "cart", "accuracy": found}
     results["cart_randomized_at_exact_setting"] = {"test": same, "setting": setting, "accuracy": found}
     for key in ("task_arithmetic", "tsv_m", "iso_c", "iso_cts"):
         results[key]["setting"] = {"lam": 1.0}
@@ -101,3 +101,8 @@ def test_report_states_the_paired_difference_and_the_accuracy_record(tmp_path):
     worst = found["estimated_error"]["worst"]
     assert text.count(f"worst {100 * worst:.3g} % (`layer.weight`)") == 2  # both randomized merges' tables
     assert f"| power iterations | min {found['power_iters']['min']}," in text
+    # one setting for both: one table, and a line saying the second is the same merge
+    results["cart_randomized"]["setting"] = results["cart_exact"]["setting"]
+    report.write(tmp_path, tasks, sizes, results, searches, curves, meta, argv=["--out", "x"])
+    text = (tmp_path / "REPORT.md").read_text()
+    assert text.count("| estimated update error |") == 1 and "the same merge, the same record" in text
