@@ -180,9 +180,9 @@ def _pct(x: float | None) -> str:
 
 
 def summary(entries: Iterable[TensorAccuracy]) -> dict:
-    """Counts, the worst and median estimated errors, the rounding floors and the
-    output rounding, and the matrices whose output rounding exceeds their update's
-    error by OUTPUT_ROUNDING_FACTOR."""
+    """Counts, the worst and median estimated errors, the targets, the power
+    iterations, the rounding floors and the output rounding, and the matrices whose
+    output rounding exceeds their update's error by OUTPUT_ROUNDING_FACTOR."""
     entries = list(entries)
     out: dict = {"matrices": len(entries)}
     if not entries:
@@ -201,6 +201,9 @@ def summary(entries: Iterable[TensorAccuracy]) -> dict:
         iters = [e.power_iters for e in estimated if e.power_iters is not None]
         if iters:
             out["power_iters"] = {"min": min(iters), "median": statistics.median(iters), "max": max(iters)}
+    targets = [e.target for e in entries if e.target is not None]
+    if targets:
+        out["target"] = {"min": min(targets), "median": statistics.median(targets), "max": max(targets)}
     floors = [e.rounding_floor for e in entries if e.rounding_floor is not None]
     if floors:
         out["rounding_floor"] = {"median": statistics.median(floors), "min": min(floors)}
@@ -252,6 +255,35 @@ def summary_lines(found: dict) -> list[str]:
                 "precision (--dtype float32 keeps the update whole)"
             )
     return lines
+
+
+def summary_table(found: dict) -> list[str]:
+    """The summary as a markdown table (for reports): matrices, estimated error, target,
+    power iterations, cap, rounding floor and output rounding, as `summary` gives them."""
+    count = found.get("matrices", 0)
+    if not count:
+        return ["No low-rank matrix was recorded."]
+    rows = [("low-rank matrices", f"{count} ({found.get('estimated', 0)} with an error estimate)")]
+    error = found.get("estimated_error")
+    if error is not None:
+        rows.append(("estimated update error", f"median {_pct(error['median'])}, worst {_pct(error['worst'])} "
+                                               f"(`{error['worst_tensor']}`)"))
+    target = found.get("target")
+    if target is not None:
+        rows.append(("target", f"median {_pct(target['median'])} ({_pct(target['min'])} to {_pct(target['max'])})"))
+    iters = found.get("power_iters")
+    if iters is not None:
+        rows.append(("power iterations", f"min {iters['min']}, median {iters['median']:g}, max {iters['max']}"))
+    rows.append(("stopped at the cap above the target", str(found.get("reached_cap", 0))))
+    floor = found.get("rounding_floor")
+    if floor is not None:
+        rows.append(("rounding floor of the inputs", f"median {_pct(floor['median'])}, min {_pct(floor['min'])}"))
+    rounding = found.get("output_rounding")
+    if rounding is not None:
+        rows.append((f"{rounding['dtype']} output rounding", f"median {_pct(rounding['median'])}, worst "
+                                                             f"{_pct(rounding['worst'])}"
+                     if rounding["worst"] > 0 else "none (the output keeps the compute dtype)"))
+    return ["| accuracy record | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
 
 
 def record_json(entries: Iterable[TensorAccuracy]) -> dict:

@@ -78,6 +78,31 @@ def test_merge_records_every_lowrank_matrix():
     assert found["matrices"] == 2 and found["estimated"] == 2
     worst = max(record, key=lambda e: e.estimated_error)
     assert found["estimated_error"]["worst_tensor"] == worst.name
+    targets = sorted(e.target for e in record)
+    assert found["target"] == {"min": targets[0], "median": (targets[0] + targets[1]) / 2, "max": targets[1]}
+
+
+def test_summary_table_states_the_record():
+    """The markdown table the reports show: the record's own numbers, as percentages."""
+    record = _record(task_models(), method="cart", lam=2.0)
+    rows = dict(line.strip("|").split("|")[:2] for line in accuracy_record.summary_table(accuracy_record.summary(record))[2:])
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    worst = max(record, key=lambda e: e.estimated_error)
+    median = sum(e.estimated_error for e in record) / 2
+    assert rows["low-rank matrices"] == "2 (2 with an error estimate)"
+    assert rows["estimated update error"] == (
+        f"median {100 * median:.3g} %, worst {100 * worst.estimated_error:.3g} % (`{worst.name}`)"
+    )
+    iters = sorted(e.power_iters for e in record)
+    assert rows["power iterations"] == f"min {iters[0]}, median {sum(iters) / 2:g}, max {iters[1]}"
+    assert rows["stopped at the cap above the target"] == str(sum(e.reached_cap for e in record))
+    assert rows["target"].startswith(f"median {100 * sum(e.target for e in record) / 2:.3g} %")
+    assert rows["rounding floor of the inputs"].startswith("median ")
+    assert rows["bfloat16 output rounding"].startswith("median ")
+    exact = accuracy_record.summary(_record(task_models(), svd="exact"))
+    table = "\n".join(accuracy_record.summary_table(exact))
+    assert "estimated update error" not in table and "| target |" not in table  # exact: neither is computed
+    assert accuracy_record.summary_table({"matrices": 0}) == ["No low-rank matrix was recorded."]
 
 
 def test_output_rounding_matches_brute_force(tmp_path):

@@ -52,6 +52,27 @@ def test_randomized_cart_matches_exact(demo):
     assert abs(results["randomized_minus_exact"][0]) <= 0.2
 
 
+def test_report_states_the_randomized_merges_accuracy_record(demo):
+    """The randomized CART merge's record, as its folder's ccsmerge-accuracy.json sums it up
+    (every 2-D weight of the encoder, estimated at tolerance auto), in results and report."""
+    out, results, _ = demo
+    written = json.loads((out / "merged" / "cart-randomized" / "ccsmerge-accuracy.json").read_text())
+    found = results["randomized_accuracy"]
+    assert found == written["summary"]
+    weights = load_file(out / "models" / "pretrained" / "model.safetensors")
+    assert found["matrices"] == found["estimated"] == sum(w.dim() == 2 for w in weights.values())
+    assert all(t["tolerance"] == "auto" and t["svd"] == "randomized" for t in written["tensors"])
+    assert found["target"]["min"] >= 0.01  # tolerance auto's least target
+    if not found["reached_cap"]:
+        assert found["estimated_error"]["worst"] <= found["target"]["max"]
+    report = (out / "REPORT.md").read_text()
+    worst = found["estimated_error"]["worst"]
+    assert f"worst {100 * worst:.3g} % (`{found['estimated_error']['worst_tensor']}`)" in report
+    gap, se = results["randomized_minus_exact"]
+    verdict = "identical predictions" if gap == se == 0 else ("within 1 SE" if abs(gap) <= se else "NOT within 1 SE")
+    assert f"same setting: {gap:+.2f} ± {se:.2f} points ({verdict}" in report
+
+
 def test_rank_sweep_is_bell_shaped(demo):
     _, results, rows = demo
     lam = rows["CART (randomized)"]["setting"]["lam"]

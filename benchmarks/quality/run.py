@@ -245,6 +245,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import ccsmerge
+    from ccsmerge import accuracy_record
     from ccsmerge.methods import REGISTRY
 
     from . import report
@@ -327,10 +328,13 @@ def main(argv=None):
             res = ccsmerge.search(tuned, keep_and_score, method=method, base=base if needs_base else None,
                                   device="cpu", **seed, **GRIDS[method], **opts)
             # the reported model: a plain ccsmerge.merge at the setting chosen on validation
+            record = []   # its accuracy record (CART's low-rank matrices)
             merged = ccsmerge.merge(tuned, method=method, base=base if needs_base else None, device="cpu",
-                                    **seed, **res.best, **opts)
+                                    record=record, **seed, **res.best, **opts)
             results[key] = {"test": test_correct(merged), "val": res.best_score, "setting": res.best,
                             "method": method, "options": opts}
+            if record:
+                results[key]["accuracy"] = accuracy_record.summary(record)
             searches[key] = res.table
             if method == "cart":
                 kept[key] = states
@@ -350,10 +354,12 @@ def main(argv=None):
                              "test": sum(c.mean().item() for c in test) / len(tasks)})
             curves["rank_ratio"][key] = rows
         # randomized at the exact run's setting: the engine's accuracy at identical hyper-parameters
+        record = []
         same = ccsmerge.merge(tuned, method="cart", device="cpu", seed=args.seed, svd="randomized",
-                              **results["cart_exact"]["setting"])
+                              record=record, **results["cart_exact"]["setting"])
         results["cart_randomized_at_exact_setting"] = {"test": test_correct(same), "setting":
-                                                       results["cart_exact"]["setting"]}
+                                                       results["cart_exact"]["setting"],
+                                                       "accuracy": accuracy_record.summary(record)}
         show("cart_randomized_at_exact_setting")
         clock.lap("rank-ratio curves")
         # Test accuracy against lam: CART randomized at its chosen rank ratio (the search's merged models).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from ccsmerge.accuracy_record import summary_table
+
 SECOND_AXIS = {"cart": "rank_ratio", "ties": "density", "iso_cts": "common_space_fraction"}
 LABELS = {
     "cart": "CART (randomized)",
@@ -56,8 +58,19 @@ def markdown_report(results: dict) -> str:
     gap, se = results["randomized_minus_exact"]
     lines += [
         "",
-        f"CART randomized − exact SVD, same setting: {gap:+.2f} ± {se:.2f} points.",
+        f"CART randomized − exact SVD, same setting: {gap:+.2f} ± {se:.2f} points "
+        f"({within_one_se(gap, se)}).",
         "",
+    ]
+    if results.get("randomized_accuracy") is not None:
+        lines += [
+            "The randomized CART merge at the library's defaults (tolerance auto), as its "
+            "`ccsmerge-accuracy.json` records it (errors relative to the update):",
+            "",
+            *summary_table(results["randomized_accuracy"]),
+            "",
+        ]
+    lines += [
         (
             f"{results['seconds']:.0f} s with {results['threads']} CPU thread(s) on {cpu_name()}, "
             f"torch {results['torch']}, ccsmerge {results['ccsmerge']}, seed {results['seed']}, merge device "
@@ -70,6 +83,13 @@ def markdown_report(results: dict) -> str:
     for name in results.get("plots", []):
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def within_one_se(diff: float, se: float) -> str:
+    """Whether a paired difference is within one standard error of zero, in words."""
+    if diff == 0 and se == 0:
+        return "identical predictions on every test example"
+    return "within 1 SE" if abs(diff) <= se else f"NOT within 1 SE: {abs(diff) / se:.1f} SE"
 
 
 def _mean_of(results: dict, label: str) -> float:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import ccsmerge
+from ccsmerge import accuracy_record
 from ccsmerge.checkpoint import Checkpoint
 from ccsmerge.config import METHOD_PARAMS
 from ccsmerge.merge import resolve_device
@@ -68,6 +69,7 @@ class Row:
     test: list[float] = field(default_factory=list)  # accuracy per task
     correct: torch.Tensor | None = None  # per test example over all tasks, for paired differences
     command: str = ""
+    accuracy: dict | None = None  # the summary of the merge's accuracy record (CART)
 
     @property
     def mean(self) -> float:
@@ -188,6 +190,8 @@ def _run_demo(out: Path, device: str, seed: int, quick: bool, plots: bool, log) 
         folder, command = merge_on_disk(method, setting, options, model_paths, base_path, folder, device, seed)
         row = evaluate_row(suite, label, method, load_folder(folder), setting)
         row.command = command
+        if method == "cart":
+            row.accuracy = accuracy_record.summary(accuracy_record.read_accuracy(folder))
         rows.append(row)
 
     results = summarise(suite, rows, chosen, time.perf_counter() - started, device, seed, quick)
@@ -221,6 +225,8 @@ def summarise(suite: Suite, rows: list[Row], chosen, seconds: float, device: str
             for r in rows
         ],
         "randomized_minus_exact": paired_difference(cart, exact),
+        # what the randomized merge's ccsmerge-accuracy.json says of its update (accuracy_record.summary)
+        "randomized_accuracy": cart.accuracy,
         "sweeps": {method: table for method, (_, table) in chosen.items()},
         "seconds": seconds,
         "seed": seed,
