@@ -33,6 +33,7 @@ For every 2-D weight and rank ratio, in float64 with torch.linalg.svd:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -157,6 +158,12 @@ def spread_of(xs: list[float]) -> str:
     return f"{min(xs):.2f}, {statistics.median(xs):.2f}, {max(xs):.2f}"
 
 
+def rms(entry: dict) -> float:
+    """The root mean square of a case's measured changes (the rounding and every draw)."""
+    values = [entry["measured"], *entry["draws"]]
+    return math.sqrt(sum(v * v for v in values) / len(values))
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Per model and dtype: estimate / measured over every (tensor, rank), for the
     round-to-nearest rounding and for every draw."""
@@ -169,10 +176,12 @@ def summary(rows: list[dict]) -> list[dict]:
                 entry[key] = {
                     "rounded": [r["dtypes"][label][key] / r["dtypes"][label]["measured"] for r in mine],
                     "draws": [r["dtypes"][label][key] / d for r in mine for d in r["dtypes"][label]["draws"]],
+                    # the estimate models sqrt(E ||delta Delta||^2): against the RMS of a case's measurements
+                    "rms": [r["dtypes"][label][key] / rms(r["dtypes"][label]) for r in mine],
                 }
             entry["measured"] = [r["dtypes"][label]["measured"] for r in mine]
-            entry["draw_spread"] = [max(r["dtypes"][label]["draws"]) / min(r["dtypes"][label]["draws"])
-                                    for r in mine if r["dtypes"][label]["draws"]]
+            entry["draw_spread"] = [max(v) / min(v) for r in mine
+                                    for v in [[r["dtypes"][label]["measured"], *r["dtypes"][label]["draws"]]]]
             out.append(entry)
     return out
 
@@ -180,8 +189,9 @@ def summary(rows: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], summ: list[dict], header: str, draws: int) -> str:
     s_rows = [[s["model"], s["dtype"], s["cases"], f"{pct(min(s['measured']))} – {pct(max(s['measured']))}",
                spread_of(s["estimated"]["rounded"]), spread_of(s["estimated"]["draws"]) if draws else "-",
-               spread_of(s["estimated_from_sketch"]["rounded"]),
+               spread_of(s["estimated"]["rms"]), spread_of(s["estimated_from_sketch"]["rounded"]),
                spread_of(s["estimated_from_sketch"]["draws"]) if draws else "-",
+               spread_of(s["estimated_from_sketch"]["rms"]),
                f"{max(s['draw_spread']):.2f}" if s["draw_spread"] else "-"] for s in summ]
     d_rows = []
     for r in rows:
@@ -202,8 +212,12 @@ def markdown(rows: list[dict], summ: list[dict], header: str, draws: int) -> str
             f"{draws} copies of the inputs shifted by U(−½, ½) ulp of the dtype per entry, each rounded "
             "and measured against its own exact update." if draws else "none (--draws 0)."),
         "## Estimate / measured, per model and dtype (min, median, max over every tensor and rank ratio)",
-        table(["model", "dtype", "cases", "measured change", "full spectra: rounded", "full: draws",
-               "top l: rounded", "top l: draws", "largest max/min of a case's draws"], s_rows),
+        "*rounded*: against the round-to-nearest rounding of the fine-tunes; *draws*: against each shifted "
+        "copy's; *RMS*: against the root mean square of a case's measurements (the rounding and its draws), "
+        "the quantity the first-order estimate models (sqrt E‖δΔ‖²). Last column: the largest ratio of a "
+        "case's largest to smallest measurement.",
+        table(["model", "dtype", "cases", "measured change", "full spectra: rounded", "full: draws", "full: RMS",
+               "top l: rounded", "top l: draws", "top l: RMS", "max/min of a case's measurements"], s_rows),
         "## Every tensor and rank (measured [draws' range] / from the full spectra (ratio) / from the top l (ratio))",
         table(["model", "tensor", "shape", "rank ratio (k)", "gap at σ_k (min, median)", "energy kept",
                *(f"{d}" for d in DTYPES)], d_rows),
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cache", type=Path, required=True, help="folder for MiniLM's wheels, data and fine-tunes")
     parser.add_argument("--models", nargs="+", default=["demo", "minilm"], choices=["demo", "minilm"])
-    parser.add_argument("--draws", type=int, default=4, help="shifted copies per dtype (0: the rounding only)")
+    parser.add_argument("--draws", type=int, default=8, help="shifted copies per dtype (0: the rounding only)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
