@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from harness import log, table, write_results
-from machine import describe, git_state, load_ccsmerge, machine_info
+from machine import describe, git_state, load_average, load_ccsmerge, machine_info
 
 ccsmerge = load_ccsmerge()
 from ccsmerge import accuracy, kernels  # noqa: E402  (after load_ccsmerge picks the copy)
@@ -172,7 +172,8 @@ def main() -> None:
     args = parser.parse_args()
     m = args.size or (256 if args.quick else 1024)
     info = machine_info(ccsmerge)
-    header = f"{describe(info)}; checkout {git_state()}"
+    load_start = load_average()
+    header = f"{describe(info)}; checkout {git_state()}; load average at the start {load_start}"
     log(header)
     rows = []
     for T in args.tasks:
@@ -183,14 +184,16 @@ def main() -> None:
             log(f"{m}² T={T} τ/θ={strength:.0%} k={r['k']}: "
                 + ", ".join(f"{d} {pct(v['measured'])} (est. {pct(v['estimated'])})" for d, v in r["rounding"].items())
                 + f"  [{time.perf_counter() - start:.0f} s]")
-    text = markdown(rows, header)
+    load_end = load_average()
+    text = markdown(rows, f"{header}, at the end {load_end}")
     log(text)
     if args.out:
         every = args.tasks == list(TASKS)
         stem = "precision" if m == 1024 and every else f"precision-{m}" + ("" if every else "-T" + "-".join(
             map(str, args.tasks)))
         write_results(args.out, stem,
-                      {"machine": info, "checkout": git_state(), "rows": rows}, text)
+                      {"machine": info, "checkout": git_state(), "load_average": {"start": load_start, "end": load_end},
+                       "rows": rows}, text)
 
 
 if __name__ == "__main__":
