@@ -279,6 +279,7 @@ def command(name: str, flags: list[str] | None, manifest: dict, out: Path, work:
 def run_all(manifest: dict, work: Path, rounds: int, threads: int, plan: dict[str, list[str] | None]) -> dict:
     """Every variant of plan (variants()) `rounds` times, interleaved (the order reversed every
     other round); the outputs of the last round are kept in work."""
+    work.mkdir(parents=True, exist_ok=True)
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     from machine import REPO_ROOT
 
