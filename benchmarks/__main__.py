@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command, with one report.
 
     python -m benchmarks --quick --out bench-out/quick      # about 5 minutes on 2 idle cores
-    python -m benchmarks --full --out bench-out/full        # 45-60 minutes on 2 cores; add --device cuda on a GPU
+    python -m benchmarks --full --out bench-out/full        # ~40-55 minutes on 2 cores (estimated); add --device cuda on a GPU
     python -m benchmarks --quick --out DIR --mergekit-python /path/to/venv/bin/python
     python -m benchmarks --quick --threads 1 --out DIR      # on a machine shared with other work
 
