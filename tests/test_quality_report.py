@@ -106,3 +106,12 @@ def test_report_states_the_paired_difference_and_the_accuracy_record(tmp_path):
     report.write(tmp_path, tasks, sizes, results, searches, curves, meta, argv=["--out", "x"])
     text = (tmp_path / "REPORT.md").read_text()
     assert text.count("| estimated update error |") == 1 and "the same merge, the same record" in text
+
+
+def test_within_one_se_words_every_case():
+    from ccsmerge.demo.report import within_one_se
+
+    assert within_one_se(0.0, 0.0) == "identical predictions on every test example"
+    assert within_one_se(0.03, 0.03) == "within 1 SE" and within_one_se(-0.02, 0.05) == "within 1 SE"
+    assert within_one_se(0.1, 0.04) == "NOT within 1 SE: 2.5 SE"
+    assert within_one_se(0.1, 0.0) == "NOT within 1 SE (SE 0)"  # no division by a zero SE

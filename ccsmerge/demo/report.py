@@ -89,7 +89,9 @@ def within_one_se(diff: float, se: float) -> str:
     """Whether a paired difference is within one standard error of zero, in words."""
     if diff == 0 and se == 0:
         return "identical predictions on every test example"
-    return "within 1 SE" if abs(diff) <= se else f"NOT within 1 SE: {abs(diff) / se:.1f} SE"
+    if abs(diff) <= se:
+        return "within 1 SE"
+    return f"NOT within 1 SE: {abs(diff) / se:.1f} SE" if se > 0 else "NOT within 1 SE (SE 0)"
 
 
 def _mean_of(results: dict, label: str) -> float:
