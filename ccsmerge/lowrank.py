@@ -284,13 +284,7 @@ def top_triplets(q: torch.Tensor, bt: torch.Tensor, k: int) -> tuple[torch.Tenso
     float32 factors carry), U = Q W, and sigma v = B^T w, whose norm gives sigma
     with full relative accuracy; 2x faster than an SVD of bt on the CPU, 4-5x
     on the GPU. float64 has no wider type to square into: plain SVD of bt."""
-    return _top_triplets_and_spectra(q, bt, k)[0]
-
-
-def _top_triplets_and_spectra(q, bt, k):
-    """top_triplets and all l singular values of every B_t (T, l), descending, in float64."""
-    eigen, spectra = _sketch_eigen(bt)
-    return _factors_from_eigen(q, bt, eigen, k), spectra
+    return _factors_from_eigen(q, bt, _sketch_eigen(bt)[0], k)
 
 
 def _sketch_eigen(bt):
